@@ -1,0 +1,50 @@
+# prefcore — the two commands: `make test` (and, once it exists, `make demo`).
+# Each sets up what it needs: a .venv, torch (CPU build from local disk), the native build.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null)
+DEPS_STAMP := $(VENV)/.prefcore-deps
+EXT_STAMP := prefcore/.ext-built
+
+.PHONY: test build cuda-check bench clean help
+
+help:
+	@echo "make test        set up .venv, build prefcore._C, compile-check CUDA sources, run pytest"
+	@echo "make build       (re)build the native extension in place (incremental)"
+	@echo "make cuda-check  nvcc -c every csrc/cuda/*.cu against torch's headers (no link)"
+	@echo "make bench       run the benchmark harness and write bench/results/<machine>-<date>.json"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first (from the local CPU wheel) unless a torch>=2.4 is already importable, then the
+# package and its test extra without build isolation (isolation would fetch another torch).
+$(DEPS_STAMP): $(PY) pyproject.toml setup.py
+	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja packaging
+	$(PY) -c 'import sys, torch; from packaging.version import Version as V; sys.exit(V(torch.__version__.split("+")[0]) < V("2.4"))' 2>/dev/null \
+		|| $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	touch $(EXT_STAMP) $@
+
+# Incremental rebuild (ninja) whenever a C++/CUDA source changes.
+$(EXT_STAMP): $(DEPS_STAMP) $(CSRC) setup.py
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: $(EXT_STAMP)
+
+cuda-check: $(DEPS_STAMP)
+	$(PY) tools/check_cuda.py
+
+test: build cuda-check
+	$(PY) -m pytest python_tests -q $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m bench
+
+clean:
+	rm -rf build prefcore/_C*.so $(EXT_STAMP) .pytest_cache

@@ -1,0 +1,207 @@
+// CPU kernels of exp_utility and _exp_utility_backward (DESIGN §3.3).
+//
+// Per row: mix the gated attribute quantiles (Q_mix = Σ_m g_m·Q_m), then the utility or the
+// certainty equivalent and its weights w_q = ∂out/∂Q_mix_q. The backward recomputes the
+// (cheap) mix instead of saving it and writes ∂/∂quantiles and ∂/∂gate in one pass.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "cpu/isa.h"
+#include "cpu/vec_math.h"
+#include "prefcore/quantile_math.h"
+#include "quantile_checks.h"
+
+namespace prefcore::cpu {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+struct UtilityArgs {
+  const scalar_t* quantiles;  // (B, M, Q) or (B, Q)
+  const scalar_t* gate;       // (B, M) or nullptr
+  const acc_t* lam;           // (B,) or (1,)
+  bool lam_per_row;
+  int64_t M, Q;
+  UtilityKind kind;
+  const scalar_t* grad;       // (B,) upstream gradient (backward) or nullptr
+  scalar_t* out;              // (B,) forward output or nullptr
+  scalar_t* grad_quantiles;   // backward outputs or nullptr
+  scalar_t* grad_gate;
+};
+
+// out = utility/CE of x[0..Q); w[q] = ∂out/∂x[q]. x is overwritten with scratch values.
+template <typename acc_t>
+PREFCORE_ALWAYS_INLINE acc_t utility_and_weights(acc_t* __restrict x, acc_t* __restrict w,
+                                                 int64_t Q, acc_t lam, UtilityKind kind) {
+  const acc_t invQ = acc_t(1) / static_cast<acc_t>(Q);
+  if (kind == UtilityKind::kUtility) {  // U = −(1/Q) Σ exp(−λ x_q), ∂U/∂x_q = (λ/Q) exp(−λ x_q)
+    acc_t s = acc_t(0);
+    for (int64_t q = 0; q < Q; ++q) {
+      const acc_t e = vexp(-lam * x[q]);
+      w[q] = lam * invQ * e;
+      s += e;
+    }
+    return -s * invQ;
+  }
+  acc_t mean = acc_t(0);
+  for (int64_t q = 0; q < Q; ++q) mean += x[q];
+  mean *= invQ;
+  if (lam == acc_t(0)) {  // CE at λ = 0 is the mean, exactly
+    for (int64_t q = 0; q < Q; ++q) w[q] = invQ;
+    return mean;
+  }
+  // z_q = −λ (x_q − mean); CE = mean − log(mean_q exp(z_q)) / λ; ∂CE/∂x = softmax(z).
+  acc_t zmax = -std::numeric_limits<acc_t>::infinity();
+  acc_t zabs = acc_t(0);
+  for (int64_t q = 0; q < Q; ++q) {
+    const acc_t z = -lam * (x[q] - mean);
+    x[q] = z;
+    zmax = z > zmax ? z : zmax;
+    const acc_t az = z < acc_t(0) ? -z : z;
+    zabs = az > zabs ? az : zabs;
+  }
+  acc_t s = acc_t(0);
+  for (int64_t q = 0; q < Q; ++q) {
+    const acc_t e = vexp(x[q] - zmax);
+    w[q] = e;
+    s += e;
+  }
+  const acc_t inv_s = acc_t(1) / s;
+  for (int64_t q = 0; q < Q; ++q) w[q] *= inv_s;
+  acc_t log_mean_exp;
+  if (zabs <= static_cast<acc_t>(kCeSmallZ)) {  // small λ: log1p of mean expm1 keeps precision
+    acc_t s1 = acc_t(0);
+    for (int64_t q = 0; q < Q; ++q) s1 += expm1_small(x[q]);
+    log_mean_exp = std::log1p(s1 * invQ);
+  } else {
+    log_mean_exp = zmax + std::log(s * invQ);
+  }
+  return mean - log_mean_exp / lam;
+}
+
+// Mixes row b into x[0..Q) (opmath).
+template <typename scalar_t, typename acc_t>
+PREFCORE_ALWAYS_INLINE void mix_row(const UtilityArgs<scalar_t, acc_t>& a, int64_t b,
+                                    acc_t* __restrict x) {
+  const int64_t Q = a.Q, M = a.M;
+  if (a.gate == nullptr) {
+    const scalar_t* qr = a.quantiles + b * Q;
+    for (int64_t q = 0; q < Q; ++q) x[q] = static_cast<acc_t>(qr[q]);
+    return;
+  }
+  for (int64_t q = 0; q < Q; ++q) x[q] = acc_t(0);
+  for (int64_t m = 0; m < M; ++m) {
+    const acc_t g = static_cast<acc_t>(a.gate[b * M + m]);
+    const scalar_t* qm = a.quantiles + (b * M + m) * Q;
+    for (int64_t q = 0; q < Q; ++q) x[q] += g * static_cast<acc_t>(qm[q]);
+  }
+}
+
+template <bool kBackward, typename scalar_t, typename acc_t>
+PREFCORE_ALWAYS_INLINE void utility_rows(std::bool_constant<kBackward>,
+                                         const UtilityArgs<scalar_t, acc_t>& a, int64_t b0,
+                                         int64_t b1) {
+  const int64_t Q = a.Q, M = a.M;
+  std::vector<acc_t> scratch(2 * Q);
+  acc_t* __restrict x = scratch.data();
+  acc_t* __restrict w = x + Q;
+  for (int64_t b = b0; b < b1; ++b) {
+    mix_row(a, b, x);
+    const acc_t lam = a.lam[a.lam_per_row ? b : 0];
+    const acc_t value = utility_and_weights(x, w, Q, lam, a.kind);
+    if (!kBackward) {
+      a.out[b] = static_cast<scalar_t>(value);
+      continue;
+    }
+    const acc_t gb = static_cast<acc_t>(a.grad[b]);
+    if (a.gate == nullptr) {
+      scalar_t* gq = a.grad_quantiles + b * Q;
+      for (int64_t q = 0; q < Q; ++q) gq[q] = static_cast<scalar_t>(gb * w[q]);
+      continue;
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const acc_t g = static_cast<acc_t>(a.gate[b * M + m]);
+      const scalar_t* qm = a.quantiles + (b * M + m) * Q;
+      scalar_t* gq = a.grad_quantiles + (b * M + m) * Q;
+      const acc_t scale = gb * g;
+      acc_t dot = acc_t(0);
+      for (int64_t q = 0; q < Q; ++q) {
+        gq[q] = static_cast<scalar_t>(scale * w[q]);
+        dot += static_cast<acc_t>(qm[q]) * w[q];
+      }
+      a.grad_gate[b * M + m] = static_cast<scalar_t>(gb * dot);
+    }
+  }
+}
+
+PREFCORE_ISA_CLONES(utility_rows_isa, utility_rows)
+
+template <typename scalar_t>
+UtilityArgs<scalar_t, at::opmath_type<scalar_t>> make_args(const UtilityInputs& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return UtilityArgs<scalar_t, acc_t>{
+      p.quantiles.const_data_ptr<scalar_t>(),
+      p.gate.defined() ? p.gate.const_data_ptr<scalar_t>() : nullptr,
+      p.lam.const_data_ptr<acc_t>(), p.lam.size(0) != 1 || p.B == 1, p.M, p.Q, p.kind,
+      nullptr, nullptr, nullptr, nullptr};
+}
+
+int64_t grain_for(const UtilityInputs& p) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.M * p.Q));
+}
+
+at::Tensor exp_utility_cpu(const at::Tensor& quantiles, const at::Tensor& lam,
+                           const std::optional<at::Tensor>& gate, int64_t kind) {
+  const UtilityInputs p = prepare_utility(quantiles, lam, gate, kind);
+  at::Tensor out = at::empty({p.B}, quantiles.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, quantiles.scalar_type(), "exp_utility_cpu", [&] {
+    auto a = make_args<scalar_t>(p);
+    a.out = out.mutable_data_ptr<scalar_t>();
+    const Isa isa = active_isa();
+    at::parallel_for(0, p.B, grain_for(p), [&](int64_t b0, int64_t b1) {
+      utility_rows_isa(isa, std::false_type{}, a, b0, b1);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> exp_utility_backward_cpu(const at::Tensor& grad,
+                                                            const at::Tensor& quantiles,
+                                                            const at::Tensor& lam,
+                                                            const std::optional<at::Tensor>& gate,
+                                                            int64_t kind) {
+  const UtilityInputs p = prepare_utility(quantiles, lam, gate, kind);
+  check_dim(grad, 1, "grad");
+  check_size(grad, 0, p.B, "grad", "quantiles.size(0)");
+  check_dtype(grad, quantiles.scalar_type(), "grad", "the dtype of quantiles");
+  const at::Tensor g = grad.contiguous();
+  at::Tensor grad_q = at::empty(quantiles.sizes(), quantiles.options());
+  at::Tensor grad_gate = p.gate.defined() ? at::empty({p.B, p.M}, quantiles.options())
+                                          : at::empty({0}, quantiles.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, quantiles.scalar_type(), "exp_utility_backward_cpu", [&] {
+    auto a = make_args<scalar_t>(p);
+    a.grad = g.const_data_ptr<scalar_t>();
+    a.grad_quantiles = grad_q.mutable_data_ptr<scalar_t>();
+    a.grad_gate = p.gate.defined() ? grad_gate.mutable_data_ptr<scalar_t>() : nullptr;
+    const Isa isa = active_isa();
+    at::parallel_for(0, p.B, grain_for(p), [&](int64_t b0, int64_t b1) {
+      utility_rows_isa(isa, std::true_type{}, a, b0, b1);
+    });
+  });
+  return {grad_q, grad_gate};
+}
+
+}  // namespace
+}  // namespace prefcore::cpu
+
+TORCH_LIBRARY_IMPL(prefcore, CPU, m) {
+  m.impl("exp_utility", &prefcore::cpu::exp_utility_cpu);
+  m.impl("_exp_utility_backward", &prefcore::cpu::exp_utility_backward_cpu);
+}

@@ -1,0 +1,63 @@
+#pragma once
+// Scalar maths of the quantile op family (DESIGN §3.1, §3.3), shared by CPU and CUDA.
+#include "prefcore/macros.h"
+
+namespace prefcore {
+
+// --- pinball / quantile-Huber loss for one (target, prediction) pair -------------------
+// u = target − pred. The asymmetric weight is |τ − 1[u<0]| (strict: u = 0 takes τ).
+template <typename T>
+PREFCORE_HD T pinball_weight(T u, T tau) {
+  return u < T(0) ? T(1) - tau : tau;
+}
+
+// ρ(u). κ = 0: u·(τ − 1[u<0]) = w·|u|.  κ > 0: w·H_κ(u)/κ with
+// H_κ(u) = u²/2 if |u| ≤ κ else κ(|u| − κ/2). kHuber selects the κ > 0 branch at compile time.
+template <bool kHuber, typename T>
+PREFCORE_HD T pinball_rho(T u, T tau, T kappa) {
+  const T w = pinball_weight(u, tau);
+  const T a = u < T(0) ? -u : u;
+  if constexpr (kHuber) {
+    return w * (a <= kappa ? T(0.5) * a * a / kappa : a - T(0.5) * kappa);
+  } else {
+    return w * a;
+  }
+}
+
+// ∂ρ/∂pred. κ = 0: 1[u<0] − τ.  κ > 0: −w·clamp(u, −κ, κ)/κ.
+template <bool kHuber, typename T>
+PREFCORE_HD T pinball_dpred(T u, T tau, T kappa) {
+  if constexpr (kHuber) {
+    const T w = pinball_weight(u, tau);
+    const T c = u > kappa ? kappa : (u < -kappa ? -kappa : u);
+    return -w * c / kappa;
+  } else {
+    return u < T(0) ? T(1) - tau : -tau;
+  }
+}
+
+// --- exponential utility / certainty equivalent (QRM eq. 4) -----------------------------
+// expm1 for |z| ≤ 0.5 by a degree-10 Horner polynomial (relative error < 1e-10): branch-free
+// so the CPU loop vectorises, accurate where exp(z) − 1 would cancel.
+template <typename T>
+PREFCORE_HD T expm1_small(T z) {
+  T p = T(1) + z / T(11);
+  p = T(1) + z / T(10) * p;
+  p = T(1) + z / T(9) * p;
+  p = T(1) + z / T(8) * p;
+  p = T(1) + z / T(7) * p;
+  p = T(1) + z / T(6) * p;
+  p = T(1) + z / T(5) * p;
+  p = T(1) + z / T(4) * p;
+  p = T(1) + z / T(3) * p;
+  p = T(1) + z / T(2) * p;
+  return z * p;
+}
+
+// Below this max |λ·(x_q − mean)| the certainty equivalent is computed as
+// mean − log1p(mean_q expm1(z_q))/λ, which keeps full relative precision as λ → 0.
+constexpr double kCeSmallZ = 0.5;
+
+enum class UtilityKind : int { kUtility = 0, kCertaintyEquivalent = 1 };
+
+}  // namespace prefcore

@@ -1,0 +1,228 @@
+"""Quantile op family: the pinball (quantile-Huber) loss and exponential utility (DESIGN §3.1, §3.3)."""
+from __future__ import annotations
+
+import torch
+
+from prefcore.ops._checks import (
+    opmath_dtype,
+    require_bool,
+    require_choice,
+    require_finite_float,
+    require_floating,
+    require_same_device,
+    shape_str,
+)
+
+REDUCTIONS = ("none", "mean", "sum")
+UTILITY_KINDS = {"utility": 0, "ce": 1}
+
+
+def pinball_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    taus: torch.Tensor,
+    target_mask: torch.Tensor | None = None,
+    *,
+    kappa: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Pinball (quantile) loss, or quantile-Huber loss for ``kappa > 0``, fused.
+
+    Shapes: ``pred (*, Q)``; ``taus (Q,)`` each strictly inside (0, 1), any order;
+    ``target (*,)`` (one score per row) or ``(*, N)`` (N annotator scores per row);
+    ``target_mask`` bool with the shape of ``target``, optional (True = valid).
+
+    With ``u = target_n − pred_q``:
+    ``κ = 0``: :math:`\rho(u) = u(\tau - 1[u<0])`;
+    ``κ > 0``: :math:`\rho(u) = |\tau - 1[u<0]|\,H_\kappa(u)/\kappa`, with
+    :math:`H_\kappa(u) = u^2/2` if :math:`|u| \le \kappa` else :math:`\kappa(|u| - \kappa/2)`.
+    Row loss :math:`\ell = \frac1Q \sum_q \frac1{N_{valid}} \sum_n \rho(u_{nq})`; a row with no
+    valid target has loss 0 and is left out of ``"mean"`` (the mean over zero rows is 0, so an
+    all-masked batch yields a zero loss and zero gradient rather than NaN).
+
+    Returns ``(*,)`` for ``reduction="none"``, else a scalar; dtype of ``pred`` (accumulated
+    in float32, float64 for float64). Differentiable w.r.t. ``pred`` only; at ``u = 0`` the
+    κ = 0 gradient is ``−τ`` (the indicator is strict). When ``pred`` requires grad, the
+    gradient is computed in the same pass as the loss. ``target`` and ``taus`` are read in
+    float32 (float64 for float64 ``pred``), so float32 scores keep full precision with a
+    bfloat16 ``pred``.
+    """
+    pred = require_floating(pred, "pred")
+    target = require_floating(target, "target")
+    if pred.dim() < 1:
+        raise ValueError(f"pred must have shape (*, Q) with at least 1 dimension, got {shape_str(pred.shape)}")
+    lead, q = tuple(pred.shape[:-1]), pred.shape[-1]
+    if q < 1:
+        raise ValueError(f"pred must have at least one quantile (Q >= 1), got shape {shape_str(pred.shape)}")
+    acc = opmath_dtype(pred.dtype)
+    taus = torch.as_tensor(taus, dtype=acc, device=pred.device) if not isinstance(taus, torch.Tensor) else taus
+    taus = require_floating(taus, "taus")
+    if taus.dim() != 1 or taus.shape[0] != q:
+        raise ValueError(f"taus must have shape (Q,) = ({q},) to match pred {shape_str(pred.shape)}, got {shape_str(taus.shape)}")
+    if tuple(target.shape) == lead:
+        n_cols = 1
+    elif target.dim() == pred.dim() and tuple(target.shape[:-1]) == lead:
+        n_cols = target.shape[-1]
+    else:
+        raise ValueError(
+            f"target must have shape (*,) = {shape_str(lead)} or (*, N) = {shape_str(lead + ('N',))} "
+            f"to match pred {shape_str(pred.shape)}, got {shape_str(target.shape)}"
+            if lead else
+            f"target must have shape () or (N,) to match pred {shape_str(pred.shape)}, got {shape_str(target.shape)}"
+        )
+    if target_mask is not None:
+        target_mask = require_bool(target_mask, "target_mask")
+        if target_mask.shape != target.shape:
+            raise ValueError(f"target_mask must have the shape of target {shape_str(target.shape)}, got {shape_str(target_mask.shape)}")
+    kappa = require_finite_float(kappa, "kappa", min_value=0.0)
+    require_choice(reduction, "reduction", REDUCTIONS)
+    require_same_device("pred", pred, target=target, taus=taus, target_mask=target_mask)
+
+    rows = 1
+    for s in lead:
+        rows *= s
+    pred2 = pred.reshape(rows, q)
+    target2 = target.to(acc).reshape(rows, n_cols)
+    mask2 = target_mask.reshape(rows, n_cols) if target_mask is not None else None
+    need_grad = torch.is_grad_enabled() and pred.requires_grad
+    row_loss, _ = torch.ops.prefcore.pinball_loss(pred2, target2, taus.to(acc), mask2, kappa, need_grad)
+    return _reduce_rows(row_loss, mask2, reduction, lead, pred.dtype)
+
+
+def _reduce_rows(
+    row_loss: torch.Tensor,
+    mask2: torch.Tensor | None,
+    reduction: str,
+    lead: tuple[int, ...],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Reduce per-row losses ``(R,)``; rows whose mask is all False are left out of the mean."""
+    if reduction == "none":
+        return row_loss.reshape(lead).to(out_dtype)
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total.to(out_dtype)
+    if mask2 is None:
+        count = torch.tensor(float(max(row_loss.shape[0], 1)), dtype=row_loss.dtype, device=row_loss.device)
+    else:
+        count = mask2.any(-1).sum().to(row_loss.dtype).clamp_min(1.0)
+    return (total / count).to(out_dtype)
+
+
+def exp_utility(
+    quantiles: torch.Tensor,
+    lam: float | torch.Tensor,
+    gate: torch.Tensor | None = None,
+    *,
+    kind: str = "ce",
+) -> torch.Tensor:
+    r"""Risk-aware scalarisation of a quantile distribution (QRM eq. 3–4), fused.
+
+    Shapes: ``quantiles (B, Q)``, or ``(B, M, Q)`` with ``gate (B, M)``, which are mixed
+    first: :math:`Q^{mix}_q = \sum_m g_m Q_{mq}` (plain broadcast; no ``M == Q`` assumption,
+    and the gate is not required to sum to 1). ``lam`` is a float or a ``(B,)`` tensor.
+
+    ``kind="utility"``: :math:`U = -\frac1Q\sum_q e^{-\lambda Q_q}` (QRM eq. 4).
+    ``kind="ce"`` (certainty equivalent, in reward units):
+    :math:`CE = -\frac1\lambda(\operatorname{logsumexp}_q(-\lambda Q_q) - \log Q)`.
+    ``λ = 0`` gives the mean exactly, ``λ > 0`` is risk-averse (→ min as λ → ∞), ``λ < 0``
+    risk-seeking (→ max). For small ``|λ|`` the CE is evaluated as
+    ``mean − log1p(mean(expm1(z)))/λ`` so it stays accurate instead of cancelling.
+
+    Returns ``(B,)`` in the dtype of ``quantiles``. Differentiable w.r.t. ``quantiles`` and
+    ``gate`` (not ``lam``).
+    """
+    quantiles = require_floating(quantiles, "quantiles")
+    code = UTILITY_KINDS[require_choice(kind, "kind", tuple(UTILITY_KINDS))]
+    acc = opmath_dtype(quantiles.dtype)
+    if gate is not None:
+        gate = require_floating(gate, "gate")
+        if quantiles.dim() != 3:
+            raise ValueError(f"quantiles must have shape (B, M, Q) when gate is given, got {shape_str(quantiles.shape)}")
+        b, m, _ = quantiles.shape
+        if tuple(gate.shape) != (b, m):
+            raise ValueError(f"gate must have shape (B, M) = ({b}, {m}) to match quantiles {shape_str(quantiles.shape)}, got {shape_str(gate.shape)}")
+        if gate.dtype != quantiles.dtype:
+            raise ValueError(f"gate must have the dtype of quantiles ({quantiles.dtype}), got {gate.dtype}")
+    elif quantiles.dim() != 2:
+        raise ValueError(f"quantiles must have shape (B, Q) (or (B, M, Q) with gate), got {shape_str(quantiles.shape)}")
+    b, q = quantiles.shape[0], quantiles.shape[-1]
+    if q < 1:
+        raise ValueError(f"quantiles must have at least one quantile (Q >= 1), got shape {shape_str(quantiles.shape)}")
+    if isinstance(lam, torch.Tensor):
+        lam = require_floating(lam, "lam")
+        if lam.dim() == 0:
+            lam = lam.reshape(1)
+        if lam.dim() != 1 or lam.shape[0] not in (b, 1):
+            raise ValueError(f"lam must be a float or a tensor of shape (B,) = ({b},), got {shape_str(lam.shape)}")
+        lam_t = lam.detach().to(acc)
+    else:
+        lam_t = torch.full((1,), require_finite_float(lam, "lam"), dtype=acc, device=quantiles.device)
+    require_same_device("quantiles", quantiles, gate=gate, lam=lam_t)
+    return torch.ops.prefcore.exp_utility(quantiles, lam_t, gate, code)
+
+
+# ---- autograd and fake (meta) registrations -------------------------------------------
+
+@torch.library.register_fake("prefcore::pinball_loss")
+def _pinball_loss_fake(pred, target, taus, target_mask, kappa, need_grad):
+    loss = pred.new_empty((pred.shape[0],), dtype=opmath_dtype(pred.dtype))
+    dpred = pred.new_empty(pred.shape) if need_grad else pred.new_empty((0,))
+    return loss, dpred
+
+
+@torch.library.register_fake("prefcore::_pinball_loss_backward")
+def _pinball_loss_backward_fake(grad_rows, pred, target, taus, target_mask, kappa):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _pinball_setup_context(ctx, inputs, output):
+    pred, target, taus, target_mask, kappa, need_grad = inputs
+    _, dpred = output
+    ctx.mark_non_differentiable(dpred)
+    ctx.fused = bool(need_grad)
+    ctx.kappa = kappa
+    if ctx.fused:  # the forward already produced d row_loss / d pred
+        ctx.save_for_backward(dpred)
+    else:
+        ctx.save_for_backward(pred, target, taus, target_mask)
+
+
+def _pinball_backward(ctx, grad_loss, _grad_dpred):
+    if ctx.fused:
+        (dpred,) = ctx.saved_tensors
+        grad_pred = (grad_loss.unsqueeze(-1) * dpred).to(dpred.dtype)
+    else:
+        pred, target, taus, target_mask = ctx.saved_tensors
+        grad_pred = torch.ops.prefcore._pinball_loss_backward(grad_loss, pred, target, taus, target_mask, ctx.kappa)
+    return grad_pred, None, None, None, None, None
+
+
+torch.library.register_autograd("prefcore::pinball_loss", _pinball_backward, setup_context=_pinball_setup_context)
+
+
+@torch.library.register_fake("prefcore::exp_utility")
+def _exp_utility_fake(quantiles, lam, gate, kind):
+    return quantiles.new_empty((quantiles.shape[0],))
+
+
+@torch.library.register_fake("prefcore::_exp_utility_backward")
+def _exp_utility_backward_fake(grad, quantiles, lam, gate, kind):
+    grad_q = torch.empty_like(quantiles, memory_format=torch.contiguous_format)
+    grad_gate = quantiles.new_empty(gate.shape) if gate is not None else quantiles.new_empty((0,))
+    return grad_q, grad_gate
+
+
+def _exp_utility_setup_context(ctx, inputs, output):
+    quantiles, lam, gate, kind = inputs
+    ctx.kind = kind
+    ctx.save_for_backward(quantiles, lam, gate)
+
+
+def _exp_utility_backward(ctx, grad):
+    quantiles, lam, gate = ctx.saved_tensors
+    grad_q, grad_gate = torch.ops.prefcore._exp_utility_backward(grad, quantiles, lam, gate, ctx.kind)
+    return grad_q, None, (grad_gate if gate is not None else None), None
+
+
+torch.library.register_autograd("prefcore::exp_utility", _exp_utility_backward, setup_context=_exp_utility_setup_context)

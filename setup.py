@@ -1,0 +1,48 @@
+"""Build the native extension ``prefcore._C``.
+
+CPU kernels are always built. CUDA kernels are added when torch was built with CUDA and
+nvcc is found (``PREFCORE_CUDA=0/1`` forces either way). See DESIGN §2.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+from packaging.version import Version
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MIN_TORCH = Version("2.4")
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("PREFCORE_CUDA")
+    if forced is not None:
+        return forced.strip() == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    if Version(torch.__version__.split("+")[0]) < MIN_TORCH:
+        raise RuntimeError(f"prefcore needs torch>={MIN_TORCH}, found {torch.__version__}")
+    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    sources = ["csrc/ops.cpp", *rel("csrc/cpu/*.cpp")]
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    # -O3 lets the ISA-dispatched inner loops (csrc/cpu/isa.h) auto-vectorise.
+    cxx = ["-O3", "-fno-math-errno"]
+    if _want_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        return CUDAExtension(
+            "prefcore._C",
+            sources + rel("csrc/cuda/*.cu"),
+            include_dirs=include_dirs,
+            define_macros=[("PREFCORE_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+        )
+    return CppExtension("prefcore._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+
+
+setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})
