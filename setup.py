@@ -31,7 +31,7 @@ def _extension():
     sources = ["csrc/ops.cpp", *rel("csrc/cpu/*.cpp")]
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     # -O3 lets the ISA-dispatched inner loops (csrc/cpu/isa.h) auto-vectorise.
-    cxx = ["-O3", "-fno-math-errno"]
+    cxx = ["-O3", "-fno-math-errno", "-Wno-psabi"]
     if _want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"

@@ -14,6 +14,7 @@
 
 #include "common.h"
 #include "cpu/isa.h"
+#include "cpu/simd.h"
 #include "prefcore/quantile_math.h"
 #include "quantile_checks.h"
 
@@ -33,18 +34,27 @@ struct PinballArgs {
   scalar_t* dpred;           // (R, Q) or nullptr
 };
 
+// Q is padded up to whole 64-byte SIMD blocks in scratch (pad lanes compute values that are
+// never stored), so the hot loop has no scalar tail and its accumulators stay in registers
+// across the loop over targets.
 template <bool kHuber, bool kGrad, typename scalar_t, typename acc_t>
 PREFCORE_ALWAYS_INLINE void pinball_rows(std::bool_constant<kHuber>, std::bool_constant<kGrad>,
                                          const PinballArgs<scalar_t, acc_t>& a, int64_t r0,
                                          int64_t r1) {
+  constexpr int64_t W = kLanes<acc_t>;
   const int64_t Q = a.Q, N = a.N;
-  const acc_t kappa = a.kappa;
-  std::vector<acc_t> scratch(3 * Q + N);
+  const int64_t Qp = (Q + W - 1) / W * W;
+  const HuberScale<acc_t> h{a.kappa, kHuber ? acc_t(1) / a.kappa : acc_t(0)};
+  std::vector<acc_t> scratch(4 * Qp + N);
   acc_t* __restrict p = scratch.data();
-  acc_t* __restrict lacc = p + Q;
-  acc_t* __restrict gacc = lacc + Q;
-  acc_t* __restrict t = gacc + Q;
-  const acc_t* __restrict taus = a.taus;
+  acc_t* __restrict taus = p + Qp;
+  acc_t* __restrict lacc = taus + Qp;
+  acc_t* __restrict gacc = lacc + Qp;
+  acc_t* __restrict t = gacc + Qp;
+  for (int64_t q = 0; q < Qp; ++q) {
+    taus[q] = q < Q ? a.taus[q] : acc_t(0.5);
+    p[q] = acc_t(0);
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const acc_t* tr = a.target + r * N;
     int64_t nv = 0;
@@ -64,18 +74,19 @@ PREFCORE_ALWAYS_INLINE void pinball_rows(std::bool_constant<kHuber>, std::bool_c
       continue;
     }
     const scalar_t* pr = a.pred + r * Q;
-    for (int64_t q = 0; q < Q; ++q) {
-      p[q] = static_cast<acc_t>(pr[q]);
-      lacc[q] = acc_t(0);
-      gacc[q] = acc_t(0);
-    }
-    for (int64_t n = 0; n < nv; ++n) {
-      const acc_t tn = t[n];
-      for (int64_t q = 0; q < Q; ++q) {
-        const acc_t u = tn - p[q];
-        lacc[q] += pinball_rho<kHuber>(u, taus[q], kappa);
-        if (kGrad) gacc[q] += pinball_dpred<kHuber>(u, taus[q], kappa);
+    for (int64_t q = 0; q < Q; ++q) p[q] = static_cast<acc_t>(pr[q]);
+    using V = Simd<acc_t>;
+    for (int64_t qb = 0; qb < Qp; qb += W) {
+      const V pv = simd_load(p + qb);
+      const V tv = simd_load(taus + qb);
+      V L{}, G{};
+      for (int64_t n = 0; n < nv; ++n) {
+        const V u = t[n] - pv;
+        L += pinball_rho<kHuber, V, acc_t>(u, tv, h);
+        if (kGrad) G += pinball_dpred<kHuber, V, acc_t>(u, tv, h);
       }
+      simd_store(lacc + qb, L);
+      if (kGrad) simd_store(gacc + qb, G);
     }
     const acc_t scale = acc_t(1) / (static_cast<acc_t>(nv) * static_cast<acc_t>(Q));
     if (a.loss) {

@@ -63,5 +63,6 @@ def require_finite_float(value: object, name: str, *, min_value: float | None = 
     return v
 
 
-def shape_str(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+def shape_str(shape: Sequence[int | str]) -> str:
+    """``(4, 3)``-style text for a shape; symbolic sizes (``"N"``) are kept as written."""
+    return "(" + ", ".join(s if isinstance(s, str) else str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"

@@ -6,33 +6,44 @@ namespace prefcore {
 
 // --- pinball / quantile-Huber loss for one (target, prediction) pair -------------------
 // u = target − pred. The asymmetric weight is |τ − 1[u<0]| (strict: u = 0 takes τ).
-template <typename T>
+// T is the value type (a scalar, or a CPU SIMD vector of E) and E its element type; only
+// comparisons, ?: and arithmetic with E scalars are used, so both work.
+
+// κ and its reciprocal, so the per-pair maths multiplies instead of dividing.
+template <typename E>
+struct HuberScale {
+  E kappa;
+  E inv_kappa;  // 1/κ (unused when κ = 0)
+};
+
+template <typename T, typename E>
 PREFCORE_HD T pinball_weight(T u, T tau) {
-  return u < T(0) ? T(1) - tau : tau;
+  return u < E(0) ? E(1) - tau : tau;
 }
 
 // ρ(u). κ = 0: u·(τ − 1[u<0]) = w·|u|.  κ > 0: w·H_κ(u)/κ with
 // H_κ(u) = u²/2 if |u| ≤ κ else κ(|u| − κ/2). kHuber selects the κ > 0 branch at compile time.
-template <bool kHuber, typename T>
-PREFCORE_HD T pinball_rho(T u, T tau, T kappa) {
-  const T w = pinball_weight(u, tau);
-  const T a = u < T(0) ? -u : u;
+template <bool kHuber, typename T, typename E>
+PREFCORE_HD T pinball_rho(T u, T tau, HuberScale<E> h) {
+  const T w = pinball_weight<T, E>(u, tau);
+  const T a = u < E(0) ? -u : u;
   if constexpr (kHuber) {
-    return w * (a <= kappa ? T(0.5) * a * a / kappa : a - T(0.5) * kappa);
+    return w * (a <= h.kappa ? E(0.5) * a * a * h.inv_kappa : a - E(0.5) * h.kappa);
   } else {
     return w * a;
   }
 }
 
 // ∂ρ/∂pred. κ = 0: 1[u<0] − τ.  κ > 0: −w·clamp(u, −κ, κ)/κ.
-template <bool kHuber, typename T>
-PREFCORE_HD T pinball_dpred(T u, T tau, T kappa) {
+template <bool kHuber, typename T, typename E>
+PREFCORE_HD T pinball_dpred(T u, T tau, HuberScale<E> h) {
   if constexpr (kHuber) {
-    const T w = pinball_weight(u, tau);
-    const T c = u > kappa ? kappa : (u < -kappa ? -kappa : u);
-    return -w * c / kappa;
+    const T w = pinball_weight<T, E>(u, tau);
+    T c = u > h.kappa ? T{} + h.kappa : u;
+    c = c < -h.kappa ? T{} - h.kappa : c;
+    return -w * c * h.inv_kappa;
   } else {
-    return u < T(0) ? T(1) - tau : -tau;
+    return u < E(0) ? E(1) - tau : -tau;
   }
 }
 

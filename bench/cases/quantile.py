@@ -1,0 +1,37 @@
+"""Quantile op family at DESIGN §5 sizes."""
+from __future__ import annotations
+
+import torch
+
+import prefcore
+from bench.harness import BenchCase
+from prefcore.ops import reference
+
+
+def _pinball_inputs(kappa: float):
+    def make(device: torch.device):
+        g = torch.Generator().manual_seed(0)
+        b, m, q, n = 8192, 19, 19, 10
+        pred = torch.randn(b, m, q, generator=g).to(device).requires_grad_()
+        target = torch.randn(b, m, n, generator=g).to(device)
+        taus = torch.linspace(0.05, 0.95, q).to(device)
+        return (pred, target, taus), {"kappa": kappa}
+    return make
+
+
+def _utility_inputs(device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    b, m, q = 65536, 19, 19
+    quantiles = torch.randn(b, m, q, generator=g).sort(-1).values.to(device).requires_grad_()
+    gate = torch.softmax(torch.randn(b, m, generator=g), -1).to(device).requires_grad_()
+    return (quantiles, 1.0, gate), {"kind": "ce"}
+
+
+CASES = [
+    BenchCase("pinball_loss", "B=8192 M=19 Q=19 N=10", _pinball_inputs(0.0),
+              {"prefcore": prefcore.ops.pinball_loss, "reference": reference.pinball_loss}),
+    BenchCase("pinball_loss", "B=8192 M=19 Q=19 N=10 kappa=1", _pinball_inputs(1.0),
+              {"prefcore": prefcore.ops.pinball_loss, "reference": reference.pinball_loss}),
+    BenchCase("exp_utility", "gated B=65536 M=19 Q=19 ce", _utility_inputs,
+              {"prefcore": prefcore.ops.exp_utility, "reference": reference.exp_utility}),
+]

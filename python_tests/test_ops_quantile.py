@@ -1,0 +1,346 @@
+"""prefcore.ops.pinball_loss and prefcore.ops.exp_utility against the reference, closed forms
+and independent maths (DESIGN §3.1, §3.3).
+
+Tolerances: float64 results match the float64 reference to 1e-10 (rel) / 1e-12 (abs); float32
+to 1e-5 / 1e-6 (different summation order only). For bfloat16/float16, flash-attention's rule:
+our error against the float64 truth is at most 2× the reference's error in that dtype (+ slack).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import prefcore
+from prefcore.ops import reference as ref
+from python_tests.helpers import DEVICES, DTYPES, assert_within_lowp_rule, noncontiguous
+
+TAUS19 = torch.linspace(0.05, 0.95, 19)
+TIGHT = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+
+# (pred shape, target shape): empty batch, Q=1, N=1, odd sizes, leading dims, scalar target.
+PINBALL_SHAPES = [
+    ((0, 19), (0, 10)),
+    ((1, 1), (1, 1)),
+    ((5, 1), (5, 7)),
+    ((7, 19), (7, 1)),
+    ((13, 5), (13, 123)),
+    ((3, 4, 19), (3, 4, 10)),
+    ((6, 19), (6,)),
+    ((2, 3, 7), (2, 3)),
+]
+
+
+def _pinball_inputs(pshape, tshape, dtype, device, masked, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = pshape[-1]
+    pred = torch.randn(pshape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    target = torch.randn(tshape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    taus = torch.rand(q, generator=g, dtype=torch.float64).clamp(0.02, 0.98).to(device)
+    mask = None
+    if masked:
+        mask = (torch.rand(tshape, generator=g) > 0.3).to(device)
+        if mask.dim() >= 1 and mask.shape[0] > 0:
+            mask.view(-1, *(mask.shape[-1:] if len(tshape) == len(pshape) else ()))[0] = False  # an empty row
+    return pred, target, taus, mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pshape,tshape", PINBALL_SHAPES)
+@pytest.mark.parametrize("kappa", [0.0, 0.7])
+@pytest.mark.parametrize("masked", [False, True])
+def test_pinball_matches_reference(device, dtype, pshape, tshape, kappa, masked):
+    pred, target, taus, mask = _pinball_inputs(pshape, tshape, dtype, device, masked)
+    for reduction in ("none", "mean", "sum"):
+        p = pred.clone().requires_grad_()
+        out = prefcore.ops.pinball_loss(p, target, taus, mask, kappa=kappa, reduction=reduction)
+        assert out.dtype == dtype
+        assert out.shape == (pshape[:-1] if reduction == "none" else ())
+        p64 = pred.double().requires_grad_()
+        truth = ref.pinball_loss(p64, target.double(), taus, mask, kappa=kappa, reduction=reduction)
+        (grad,) = torch.autograd.grad(out.sum(), p, allow_unused=False) if p.numel() else (torch.zeros_like(p),)
+        (g_truth,) = torch.autograd.grad(truth.sum(), p64) if p.numel() else (torch.zeros_like(p64),)
+        assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+        if dtype in TIGHT:
+            torch.testing.assert_close(out.double(), truth, **TIGHT[dtype])
+            torch.testing.assert_close(grad.double(), g_truth, **TIGHT[dtype])
+        else:
+            pl = pred.clone().requires_grad_()
+            base = ref.pinball_loss(pl, target, taus.to(dtype), mask, kappa=kappa, reduction=reduction)
+            (g_base,) = torch.autograd.grad(base.sum(), pl) if p.numel() else (torch.zeros_like(pl),)
+            assert_within_lowp_rule(out, base, truth, dtype)
+            assert_within_lowp_rule(grad, g_base, g_truth, dtype)
+
+
+@pytest.mark.parametrize("kappa", [0.0, 0.4])
+def test_pinball_noncontiguous_and_unfused_backward(kappa):
+    pred, target, taus, mask = _pinball_inputs((9, 6, 11), (9, 6, 5), torch.float64, "cpu", True)
+    p_nc = noncontiguous(pred).requires_grad_()
+    out = prefcore.ops.pinball_loss(p_nc, noncontiguous(target), noncontiguous(taus), mask, kappa=kappa)
+    p64 = pred.clone().requires_grad_()
+    truth = ref.pinball_loss(p64, target, taus, mask, kappa=kappa)
+    torch.testing.assert_close(out, truth, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(out, p_nc)[0], torch.autograd.grad(truth, p64)[0])
+    # The standalone backward op (used when the forward ran without grad) gives the same gradient.
+    p2 = pred.reshape(-1, 11)
+    t2 = target.reshape(-1, 5)
+    m2 = mask.reshape(-1, 5)
+    g_rows = torch.rand(p2.shape[0], dtype=torch.float64)
+    _, dpred = torch.ops.prefcore.pinball_loss(p2, t2, taus, m2, kappa, True)
+    unfused = torch.ops.prefcore._pinball_loss_backward(g_rows, p2, t2, taus, m2, kappa)
+    torch.testing.assert_close(unfused, g_rows[:, None] * dpred)
+
+
+def test_pinball_strict_indicator_at_zero():
+    # u = 0 exactly: the κ=0 gradient is 1[u<0] − τ = −τ (strict indicator), per DESIGN §3.1.
+    pred = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
+    taus = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    loss = prefcore.ops.pinball_loss(pred, torch.zeros(1, 1, dtype=torch.float64), taus, reduction="sum")
+    (g,) = torch.autograd.grad(loss, pred)
+    torch.testing.assert_close(g, -taus[None] / 3)
+
+
+@pytest.mark.parametrize("kappa", [0.0, 0.5])
+def test_pinball_gradcheck(kappa):
+    pred, target, taus, mask = _pinball_inputs((4, 3, 5), (4, 3, 6), torch.float64, "cpu", True)
+    pred.requires_grad_()
+    fn = lambda p: prefcore.ops.pinball_loss(p, target, taus, mask, kappa=kappa, reduction="none")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (pred,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.3, 0.5, 0.95])
+def test_pinball_minimiser_is_empirical_quantile(tau):
+    targets = torch.randn(101, dtype=torch.float64)
+    candidates = torch.sort(targets).values
+    loss = prefcore.ops.pinball_loss(candidates[:, None], targets.expand(101, 101), torch.tensor([tau], dtype=torch.float64),
+                                     reduction="none")
+    best = candidates[loss.argmin()].item()
+    expected = np.quantile(targets.numpy(), tau, method="inverted_cdf")  # t_(ceil(N·tau)), unique for N·tau ∉ ℤ
+    assert best == pytest.approx(expected, abs=0)
+
+
+def test_pinball_all_rows_masked_gives_zero_not_nan():
+    pred = torch.randn(4, 5, requires_grad=True)
+    mask = torch.zeros(4, 3, dtype=torch.bool)
+    loss = prefcore.ops.pinball_loss(pred, torch.randn(4, 3), TAUS19[:5], mask)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(pred.grad) == 0
+    # an empty row is excluded from the mean: the mean equals the mean over the valid rows only
+    mask[1:] = True
+    target = torch.randn(4, 3)
+    mean = prefcore.ops.pinball_loss(pred, target, TAUS19[:5], mask)
+    rows = prefcore.ops.pinball_loss(pred, target, TAUS19[:5], mask, reduction="none")
+    torch.testing.assert_close(mean, rows[1:].mean())
+
+
+# ---- exp_utility -------------------------------------------------------------------------
+
+UTILITY_SHAPES = [(0, 1, 5), (1, 1, 1), (7, 1, 19), (5, 3, 11), (9, 19, 19), (4, 2, 40)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", UTILITY_SHAPES)
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("kind", ["ce", "utility"])
+@pytest.mark.parametrize("lam", [0.0, 1e-3, 0.8, -1.5, "per-row"])
+def test_exp_utility_matches_reference(device, dtype, shape, gated, kind, lam):
+    b, m, q = shape
+    g = torch.Generator().manual_seed(1)
+    quant = torch.randn(b, m, q, generator=g, dtype=torch.float64)
+    gate = torch.softmax(torch.randn(b, m, generator=g, dtype=torch.float64), -1)
+    if not gated:
+        quant = quant[:, 0]
+    lam_v = torch.randn(b, generator=g, dtype=torch.float64) if lam == "per-row" else lam
+    x = quant.to(device=device, dtype=dtype).requires_grad_()
+    gt = gate.to(device=device, dtype=dtype).requires_grad_() if gated else None
+    lam_arg = lam_v.to(device) if isinstance(lam_v, torch.Tensor) else lam_v
+    out = prefcore.ops.exp_utility(x, lam_arg, gt, kind=kind)
+    assert out.shape == (b,) and out.dtype == dtype
+    x64 = quant.clone().requires_grad_()
+    g64 = gate.clone().requires_grad_() if gated else None
+    truth = ref.exp_utility(x64, lam_v, g64, kind=kind)
+    inputs = (x, gt) if gated else (x,)
+    inputs64 = (x64, g64) if gated else (x64,)
+    grads = torch.autograd.grad(out.sum(), inputs) if b else tuple(torch.zeros_like(i) for i in inputs)
+    grads64 = torch.autograd.grad(truth.sum(), inputs64) if b else tuple(torch.zeros_like(i) for i in inputs64)
+    if dtype in TIGHT:
+        torch.testing.assert_close(out.double().cpu(), truth, **TIGHT[dtype])
+        for a, t in zip(grads, grads64):
+            torch.testing.assert_close(a.double().cpu(), t, **TIGHT[dtype])
+    else:
+        xl = quant.to(dtype).requires_grad_()
+        gl = gate.to(dtype).requires_grad_() if gated else None
+        base = ref.exp_utility(xl, lam_v.to(dtype) if isinstance(lam_v, torch.Tensor) else lam_v, gl, kind=kind)
+        bases = torch.autograd.grad(base.sum(), (xl, gl) if gated else (xl,)) if b else tuple(torch.zeros_like(i) for i in inputs64)
+        assert_within_lowp_rule(out.cpu(), base, truth, dtype)
+        for a, bb, t in zip(grads, bases, grads64):
+            assert_within_lowp_rule(a.cpu(), bb, t, dtype)
+
+
+def test_exp_utility_gradcheck():
+    quant = torch.randn(5, 3, 7, dtype=torch.float64, requires_grad=True)
+    gate = torch.softmax(torch.randn(5, 3, dtype=torch.float64), -1).requires_grad_()
+    lam = torch.tensor([0.0, 1e-4, 0.5, -2.0, 3.0], dtype=torch.float64)
+    for kind in ("ce", "utility"):
+        assert torch.autograd.gradcheck(lambda q, g: prefcore.ops.exp_utility(q, lam, g, kind=kind), (quant, gate))
+        assert torch.autograd.gradcheck(lambda q: prefcore.ops.exp_utility(q, lam, kind=kind), (quant[:, 0].detach().requires_grad_(),))
+
+
+def test_ce_limits_and_monotonicity():
+    x = torch.randn(64, 19, dtype=torch.float64)
+    mean, var = x.mean(-1), x.var(-1, unbiased=False)
+    torch.testing.assert_close(prefcore.ops.exp_utility(x, 0.0), mean, rtol=0, atol=1e-15)
+    # Small λ: CE = mean − λ·Var/2 + O(λ²) (cumulant expansion) — independent closed form.
+    lam = 1e-4
+    torch.testing.assert_close(prefcore.ops.exp_utility(x, lam), mean - lam * var / 2, rtol=0, atol=1e-7)
+    # λ → ±∞: min / max, within log(Q)/|λ|.
+    big = 1e4
+    assert (prefcore.ops.exp_utility(x, big) - x.min(-1).values).abs().max() <= math.log(19) / big + 1e-12
+    assert (prefcore.ops.exp_utility(x, -big) - x.max(-1).values).abs().max() <= math.log(19) / big + 1e-12
+    lams = torch.linspace(-20, 20, 81)
+    ces = torch.stack([prefcore.ops.exp_utility(x, float(l)) for l in lams])  # (81, 64)
+    assert (ces[1:] <= ces[:-1] + 1e-12).all(), "CE must be non-increasing in λ"
+
+
+def test_ce_small_lambda_is_accurate_in_float32():
+    x = torch.randn(256, 19, dtype=torch.float64)
+    for lam in (1e-6, 1e-4, 1e-2, 0.3):
+        truth = x.mean(-1) - torch.special.logsumexp(-lam * (x - x.mean(-1, keepdim=True)) - math.log(19), -1) / lam
+        out = prefcore.ops.exp_utility(x.float(), lam).double()
+        assert (out - truth).abs().max() < 2e-6, lam
+
+
+# ---- torch.library / torch.compile ---------------------------------------------------------
+
+def test_opcheck_quantile_ops():
+    pred, target, taus, mask = _pinball_inputs((6, 5), (6, 4), torch.float32, "cpu", True)
+    for kappa in (0.0, 0.5):
+        for need_grad in (False, True):
+            torch.library.opcheck(torch.ops.prefcore.pinball_loss,
+                                  (pred.clone().requires_grad_(need_grad), target, taus.float(), mask, kappa, need_grad))
+    torch.library.opcheck(torch.ops.prefcore._pinball_loss_backward, (torch.rand(6), pred, target, taus.float(), mask, 0.0))
+    quant = torch.randn(4, 3, 5, requires_grad=True)
+    gate = torch.softmax(torch.randn(4, 3), -1).requires_grad_()
+    for kind in (0, 1):
+        torch.library.opcheck(torch.ops.prefcore.exp_utility, (quant, torch.full((1,), 0.7), gate, kind))
+        torch.library.opcheck(torch.ops.prefcore.exp_utility, (quant[:, 0].detach().requires_grad_(), torch.rand(4), None, kind))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def objective(pred, target, taus, gate):
+        loss = prefcore.ops.pinball_loss(pred, target, taus, kappa=0.1)
+        util = prefcore.ops.exp_utility(pred, 0.5, gate).mean()
+        return loss - util
+
+    pred = torch.randn(8, 3, 19, requires_grad=True)
+    target = torch.randn(8, 3, 10)
+    gate = torch.softmax(torch.randn(8, 3), -1).requires_grad_()
+    compiled = torch.compile(objective, fullgraph=True, backend="aot_eager")
+    out_c = compiled(pred, target, TAUS19, gate)
+    grads_c = torch.autograd.grad(out_c, (pred, gate))
+    out_e = objective(pred, target, TAUS19, gate)
+    grads_e = torch.autograd.grad(out_e, (pred, gate))
+    torch.testing.assert_close(out_c, out_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
+
+
+# ---- every ISA clone computes the same thing -------------------------------------------------
+
+def test_every_cpu_isa_clone_matches_reference(tmp_path):
+    script = tmp_path / "isa_check.py"
+    script.write_text(
+        "import torch, prefcore, sys\n"
+        "from prefcore.ops import reference as ref\n"
+        "torch.manual_seed(0)\n"
+        "p = torch.randn(37, 19, requires_grad=True); t = torch.randn(37, 10); m = torch.rand(37, 10) > 0.2\n"
+        "taus = torch.linspace(0.05, 0.95, 19)\n"
+        "for k in (0.0, 0.5):\n"
+        "  a = prefcore.ops.pinball_loss(p, t, taus, m, kappa=k); b = ref.pinball_loss(p.double(), t.double(), taus.double(), m, kappa=k)\n"
+        "  assert abs(a.item() - b.item()) < 1e-5, (k, a, b)\n"
+        "  ga, = torch.autograd.grad(a, p); gb, = torch.autograd.grad(b, p)\n"
+        "  assert (ga - gb).abs().max() < 1e-6\n"
+        "q = torch.randn(33, 5, 19, requires_grad=True); g = torch.softmax(torch.randn(33, 5), -1)\n"
+        "for kind in ('ce', 'utility'):\n"
+        "  a = prefcore.ops.exp_utility(q, 0.9, g, kind=kind); b = ref.exp_utility(q.double(), 0.9, g.double(), kind=kind)\n"
+        "  assert (a.double() - b).abs().max() < 1e-5\n"
+        "print(prefcore._C.cpu_isa())\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for isa in ("default", "avx2", "avx512"):
+        env = dict(os.environ, PREFCORE_CPU_ISA=isa, PYTHONPATH=root)
+        proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() in ("default", "avx2", "avx512")
+
+
+def test_import_without_extension_fails_loudly(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copytree(os.path.join(root, "prefcore"), tmp_path / "prefcore",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    proc = subprocess.run([sys.executable, "-c", "import prefcore"], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=120)
+    assert proc.returncode != 0
+    assert "native extension" in proc.stderr and "make build" in proc.stderr
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+def test_bad_inputs_raise_clear_errors():
+    pred, target, taus = torch.randn(4, 5), torch.randn(4, 3), TAUS19[:5]
+    pl = prefcore.ops.pinball_loss
+    with pytest.raises(RuntimeError, match=r"taus must lie strictly inside \(0, 1\)"):
+        pl(pred, target, torch.tensor([0.0, 0.2, 0.3, 0.4, 0.5]))
+    with pytest.raises(RuntimeError, match=r"taus must lie strictly inside \(0, 1\)"):
+        pl(pred, target, torch.tensor([0.1, 0.2, 0.3, 0.4, 1.0]))
+    with pytest.raises(ValueError, match=r"taus must have shape \(Q,\) = \(5,\)"):
+        pl(pred, target, TAUS19)
+    with pytest.raises(ValueError, match=r"target must have shape"):
+        pl(pred, torch.randn(5, 3), taus)
+    with pytest.raises(ValueError, match=r"target_mask must be a bool tensor"):
+        pl(pred, target, taus, torch.ones(4, 3))
+    with pytest.raises(ValueError, match=r"target_mask must have the shape of target"):
+        pl(pred, target, taus, torch.ones(4, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"kappa must be >= 0"):
+        pl(pred, target, taus, kappa=-1.0)
+    with pytest.raises(ValueError, match=r"kappa must be finite"):
+        pl(pred, target, taus, kappa=float("nan"))
+    with pytest.raises(ValueError, match=r"reduction must be one of"):
+        pl(pred, target, taus, reduction="avg")
+    with pytest.raises(ValueError, match=r"pred must be a floating tensor"):
+        pl(pred.long(), target, taus)
+    with pytest.raises(ValueError, match=r"pred must have at least one quantile"):
+        pl(torch.randn(4, 0), target, torch.empty(0))
+    with pytest.raises(ValueError, match=r"target must be on the same device as pred"):
+        pl(pred, target.to("meta"), taus)
+    with pytest.raises(TypeError, match=r"target must be a torch.Tensor"):
+        pl(pred, [1.0, 2.0], taus)
+
+    eu = prefcore.ops.exp_utility
+    q3, gate = torch.randn(4, 3, 5), torch.softmax(torch.randn(4, 3), -1)
+    with pytest.raises(ValueError, match=r"gate must have shape \(B, M\) = \(4, 3\)"):
+        eu(q3, 1.0, gate[:, :2])
+    with pytest.raises(ValueError, match=r"quantiles must have shape \(B, M, Q\) when gate is given"):
+        eu(q3[:, 0], 1.0, gate)
+    with pytest.raises(ValueError, match=r"quantiles must have shape \(B, Q\)"):
+        eu(q3, 1.0)
+    with pytest.raises(ValueError, match=r"kind must be one of"):
+        eu(q3[:, 0], 1.0, kind="cvar")
+    with pytest.raises(ValueError, match=r"lam must be a float or a tensor of shape \(B,\) = \(4,\)"):
+        eu(q3[:, 0], torch.ones(3))
+    with pytest.raises(ValueError, match=r"lam must be finite"):
+        eu(q3[:, 0], float("inf"))
+    with pytest.raises(ValueError, match=r"gate must have the dtype of quantiles"):
+        eu(q3, 1.0, gate.double())
+    with pytest.raises(RuntimeError, match=r"kind must be 0 \(utility\) or 1"):
+        torch.ops.prefcore.exp_utility(q3[:, 0], torch.ones(1), None, 7)
