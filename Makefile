@@ -28,7 +28,7 @@ $(DEPS_STAMP): $(PY) pyproject.toml setup.py
 	$(PY) -c 'import sys, torch; from packaging.version import Version as V; sys.exit(V(torch.__version__.split("+")[0]) < V("2.4"))' 2>/dev/null \
 		|| $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
-	touch $(EXT_STAMP) $@
+	touch $@ $(EXT_STAMP)
 
 # Incremental rebuild (ninja) whenever a C++/CUDA source changes.
 $(EXT_STAMP): $(DEPS_STAMP) $(CSRC) setup.py

@@ -288,8 +288,17 @@ def test_import_without_extension_fails_loudly(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shutil.copytree(os.path.join(root, "prefcore"), tmp_path / "prefcore",
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    proc = subprocess.run([sys.executable, "-c", "import prefcore"], cwd=tmp_path, capture_output=True, text=True,
+    # An editable install registers a meta-path finder that would resolve `prefcore` to the
+    # built checkout; drop it so the copy without the extension is the one imported.
+    code = (
+        "import sys, importlib.util\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "print('ORIGIN', importlib.util.find_spec('prefcore').origin, file=sys.stderr)\n"
+        "import prefcore\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=120)
+    assert f"ORIGIN {tmp_path}" in proc.stderr, proc.stderr
     assert proc.returncode != 0
     assert "native extension" in proc.stderr and "make build" in proc.stderr
 

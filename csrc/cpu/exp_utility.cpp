@@ -11,10 +11,12 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
 #include "cpu/isa.h"
+#include "cpu/simd.h"
 #include "cpu/vec_math.h"
 #include "prefcore/quantile_math.h"
 #include "quantile_checks.h"
@@ -86,6 +88,29 @@ PREFCORE_ALWAYS_INLINE acc_t utility_and_weights(acc_t* __restrict x, acc_t* __r
   return mean - log_mean_exp / lam;
 }
 
+// The M×Q loops (mixing, backward) run on 64-byte SIMD blocks when the input is already in
+// the accumulation dtype and Q ≥ one block: full blocks, then one last block ending at Q that
+// overlaps the previous one (recomputed lanes store identical values; the dot product masks
+// them out), so there is no scalar tail.
+template <typename scalar_t, typename acc_t>
+constexpr bool kSimdRows = std::is_same_v<scalar_t, acc_t>;
+
+template <typename acc_t>
+struct BlockPlan {
+  int64_t last;       // start of the last block (Q − W when it overlaps)
+  Simd<acc_t> fresh;  // 1 for lanes of the last block not covered by an earlier block, else 0
+};
+
+template <typename acc_t>
+PREFCORE_ALWAYS_INLINE BlockPlan<acc_t> plan_blocks(int64_t Q) {
+  constexpr int64_t W = kLanes<acc_t>;
+  BlockPlan<acc_t> plan{Q - W, Simd<acc_t>{}};
+  const int64_t covered = (Q / W) * W;  // lanes [0, covered) are done by full blocks
+  for (int64_t j = 0; j < W; ++j) plan.fresh[j] = (plan.last + j >= covered) ? acc_t(1) : acc_t(0);
+  if (covered == Q) plan.fresh = simd_splat(acc_t(1));
+  return plan;
+}
+
 // Mixes row b into x[0..Q) (opmath).
 template <typename scalar_t, typename acc_t>
 PREFCORE_ALWAYS_INLINE void mix_row(const UtilityArgs<scalar_t, acc_t>& a, int64_t b,
@@ -96,6 +121,21 @@ PREFCORE_ALWAYS_INLINE void mix_row(const UtilityArgs<scalar_t, acc_t>& a, int64
     for (int64_t q = 0; q < Q; ++q) x[q] = static_cast<acc_t>(qr[q]);
     return;
   }
+  if constexpr (kSimdRows<scalar_t, acc_t>) {
+    constexpr int64_t W = kLanes<acc_t>;
+    if (Q >= W) {
+      const acc_t* g = a.gate + b * M;
+      const acc_t* base = a.quantiles + b * M * Q;
+      for (int64_t qb = 0;; qb += W) {
+        if (qb + W > Q) qb = Q - W;
+        Simd<acc_t> acc{};
+        for (int64_t m = 0; m < M; ++m) acc += g[m] * simd_load(base + m * Q + qb);
+        simd_store(x + qb, acc);
+        if (qb + W >= Q) break;
+      }
+      return;
+    }
+  }
   for (int64_t q = 0; q < Q; ++q) x[q] = acc_t(0);
   for (int64_t m = 0; m < M; ++m) {
     const acc_t g = static_cast<acc_t>(a.gate[b * M + m]);
@@ -104,14 +144,57 @@ PREFCORE_ALWAYS_INLINE void mix_row(const UtilityArgs<scalar_t, acc_t>& a, int64
   }
 }
 
+// ∂/∂quantiles and ∂/∂gate of row b given w = ∂out/∂Q_mix and the upstream gradient gb.
+template <typename scalar_t, typename acc_t>
+PREFCORE_ALWAYS_INLINE void gated_backward_row(const UtilityArgs<scalar_t, acc_t>& a, int64_t b,
+                                               const acc_t* __restrict w, acc_t gb,
+                                               const BlockPlan<acc_t>& plan) {
+  const int64_t Q = a.Q, M = a.M;
+  if constexpr (kSimdRows<scalar_t, acc_t>) {
+    constexpr int64_t W = kLanes<acc_t>;
+    if (Q >= W) {
+      for (int64_t m = 0; m < M; ++m) {
+        const acc_t scale = gb * a.gate[b * M + m];
+        const acc_t* qm = a.quantiles + (b * M + m) * Q;
+        acc_t* gq = a.grad_quantiles + (b * M + m) * Q;
+        Simd<acc_t> dot{};
+        for (int64_t qb = 0;; qb += W) {
+          const bool last = qb + W >= Q;
+          if (last) qb = plan.last;
+          const Simd<acc_t> wv = simd_load(w + qb);
+          simd_store(gq + qb, scale * wv);
+          const Simd<acc_t> prod = simd_load(qm + qb) * wv;
+          dot += last ? prod * plan.fresh : prod;
+          if (last) break;
+        }
+        a.grad_gate[b * M + m] = gb * simd_sum<acc_t>(dot);
+      }
+      return;
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const acc_t g = static_cast<acc_t>(a.gate[b * M + m]);
+    const scalar_t* qm = a.quantiles + (b * M + m) * Q;
+    scalar_t* gq = a.grad_quantiles + (b * M + m) * Q;
+    const acc_t scale = gb * g;
+    acc_t dot = acc_t(0);
+    for (int64_t q = 0; q < Q; ++q) {
+      gq[q] = static_cast<scalar_t>(scale * w[q]);
+      dot += static_cast<acc_t>(qm[q]) * w[q];
+    }
+    a.grad_gate[b * M + m] = static_cast<scalar_t>(gb * dot);
+  }
+}
+
 template <bool kBackward, typename scalar_t, typename acc_t>
 PREFCORE_ALWAYS_INLINE void utility_rows(std::bool_constant<kBackward>,
                                          const UtilityArgs<scalar_t, acc_t>& a, int64_t b0,
                                          int64_t b1) {
-  const int64_t Q = a.Q, M = a.M;
+  const int64_t Q = a.Q;
   std::vector<acc_t> scratch(2 * Q);
   acc_t* __restrict x = scratch.data();
   acc_t* __restrict w = x + Q;
+  const BlockPlan<acc_t> plan = Q >= kLanes<acc_t> ? plan_blocks<acc_t>(Q) : BlockPlan<acc_t>{0, Simd<acc_t>{}};
   for (int64_t b = b0; b < b1; ++b) {
     mix_row(a, b, x);
     const acc_t lam = a.lam[a.lam_per_row ? b : 0];
@@ -126,18 +209,7 @@ PREFCORE_ALWAYS_INLINE void utility_rows(std::bool_constant<kBackward>,
       for (int64_t q = 0; q < Q; ++q) gq[q] = static_cast<scalar_t>(gb * w[q]);
       continue;
     }
-    for (int64_t m = 0; m < M; ++m) {
-      const acc_t g = static_cast<acc_t>(a.gate[b * M + m]);
-      const scalar_t* qm = a.quantiles + (b * M + m) * Q;
-      scalar_t* gq = a.grad_quantiles + (b * M + m) * Q;
-      const acc_t scale = gb * g;
-      acc_t dot = acc_t(0);
-      for (int64_t q = 0; q < Q; ++q) {
-        gq[q] = static_cast<scalar_t>(scale * w[q]);
-        dot += static_cast<acc_t>(qm[q]) * w[q];
-      }
-      a.grad_gate[b * M + m] = static_cast<scalar_t>(gb * dot);
-    }
+    gated_backward_row(a, b, w, gb, plan);
   }
 }
 
