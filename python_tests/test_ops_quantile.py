@@ -98,6 +98,19 @@ def test_pinball_noncontiguous_and_unfused_backward(kappa):
     torch.testing.assert_close(unfused, g_rows[:, None] * dpred)
 
 
+def test_pinball_backward_twice_with_retain_graph():
+    # The first backward consumes the fused gradient in place; a second one must recompute it.
+    pred, target, taus, mask = _pinball_inputs((6, 7), (6, 4), torch.float64, "cpu", True)
+    pred.requires_grad_()
+    loss = prefcore.ops.pinball_loss(pred, target, taus, mask, kappa=0.3)
+    (g1,) = torch.autograd.grad(loss * 2.0, pred, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss * 3.0, pred)
+    torch.testing.assert_close(g2, 1.5 * g1)
+    p64 = pred.detach().clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(ref.pinball_loss(p64, target, taus, mask, kappa=0.3) * 3.0, p64)
+    torch.testing.assert_close(g2, g_ref)
+
+
 def test_pinball_strict_indicator_at_zero():
     # u = 0 exactly: the κ=0 gradient is 1[u<0] − τ = −τ (strict indicator), per DESIGN §3.1.
     pred = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from prefcore.ops._checks import (
     opmath_dtype,
@@ -180,18 +181,24 @@ def _pinball_setup_context(ctx, inputs, output):
     pred, target, taus, target_mask, kappa, need_grad = inputs
     _, dpred = output
     ctx.mark_non_differentiable(dpred)
-    ctx.fused = bool(need_grad)
+    ctx.set_materialize_grads(False)  # never build a zero (R, Q) gradient for the dpred output
     ctx.kappa = kappa
-    if ctx.fused:  # the forward already produced d row_loss / d pred
-        ctx.save_for_backward(dpred)
-    else:
-        ctx.save_for_backward(pred, target, taus, target_mask)
+    # The fused forward already produced d row_loss / d pred. It is private to this node and has
+    # no grad_fn, so it is kept on ctx (no reference cycle) and scaled in place by the first
+    # backward: no second (R, Q) allocation. A repeated backward (retain_graph=True) recomputes.
+    ctx.dpred = dpred if need_grad else None
+    ctx.save_for_backward(pred, target, taus, target_mask)
 
 
 def _pinball_backward(ctx, grad_loss, _grad_dpred):
-    if ctx.fused:
-        (dpred,) = ctx.saved_tensors
-        grad_pred = (grad_loss.unsqueeze(-1) * dpred).to(dpred.dtype)
+    if grad_loss is None:  # grads are not materialised: nothing flowed into the loss output
+        return None, None, None, None, None, None
+    if ctx.dpred is not None:
+        dpred, ctx.dpred = ctx.dpred, None
+        if is_fake(dpred):  # traced (torch.compile / AOT): functional graphs cannot mutate a forward output
+            grad_pred = (grad_loss.unsqueeze(-1) * dpred).to(dpred.dtype)
+        else:
+            grad_pred = dpred.mul_(grad_loss.unsqueeze(-1))
     else:
         pred, target, taus, target_mask = ctx.saved_tensors
         grad_pred = torch.ops.prefcore._pinball_loss_backward(grad_loss, pred, target, taus, target_mask, ctx.kappa)
