@@ -38,53 +38,73 @@ struct UtilityArgs {
   scalar_t* grad_gate;
 };
 
-// out = utility/CE of x[0..Q); w[q] = ∂out/∂x[q]. x is overwritten with scratch values.
+// 1 on lanes qb + j < Q, else 0.
 template <typename acc_t>
-PREFCORE_ALWAYS_INLINE acc_t utility_and_weights(acc_t* __restrict x, acc_t* __restrict w,
-                                                 int64_t Q, acc_t lam, UtilityKind kind) {
+PREFCORE_ALWAYS_INLINE Simd<acc_t> lane_valid(Simd<acc_t> iota, int64_t qb, int64_t Q) {
+  return iota + static_cast<acc_t>(qb) < static_cast<acc_t>(Q) ? Simd<acc_t>{} + acc_t(1) : Simd<acc_t>{};
+}
+
+template <typename acc_t>
+PREFCORE_ALWAYS_INLINE acc_t simd_max(Simd<acc_t> v) {
+  acc_t m = v[0];
+  for (int64_t j = 1; j < kLanes<acc_t>; ++j) m = v[j] > m ? v[j] : m;
+  return m;
+}
+
+// out = utility/CE of x[0..Q); if kWeights, w[q] = ∂out/∂x[q]. x and w hold Qp (a multiple of
+// the SIMD width) values; x's pad lanes [Q, Qp) must be 0. Every loop runs on whole SIMD blocks,
+// pad lanes masked out of the sums (and z = 0 there, which never exceeds max z ≥ 0).
+template <bool kWeights, typename acc_t>
+PREFCORE_ALWAYS_INLINE acc_t utility_and_weights(const acc_t* __restrict x, acc_t* __restrict w,
+                                                 int64_t Q, int64_t Qp, acc_t lam,
+                                                 UtilityKind kind) {
+  using V = Simd<acc_t>;
+  constexpr int64_t W = kLanes<acc_t>;
+  V iota{};
+  for (int64_t j = 0; j < W; ++j) iota[j] = static_cast<acc_t>(j);
   const acc_t invQ = acc_t(1) / static_cast<acc_t>(Q);
   if (kind == UtilityKind::kUtility) {  // U = −(1/Q) Σ exp(−λ x_q), ∂U/∂x_q = (λ/Q) exp(−λ x_q)
-    acc_t s = acc_t(0);
-    for (int64_t q = 0; q < Q; ++q) {
-      const acc_t e = vexp(-lam * x[q]);
-      w[q] = lam * invQ * e;
+    V s{};
+    for (int64_t qb = 0; qb < Qp; qb += W) {
+      const V e = vexp(-lam * simd_load(x + qb)) * lane_valid<acc_t>(iota, qb, Q);
+      if (kWeights) simd_store(w + qb, (lam * invQ) * e);
       s += e;
     }
-    return -s * invQ;
+    return -simd_sum<acc_t>(s) * invQ;
   }
-  acc_t mean = acc_t(0);
-  for (int64_t q = 0; q < Q; ++q) mean += x[q];
-  mean *= invQ;
+  V sx{};
+  for (int64_t qb = 0; qb < Qp; qb += W) sx += simd_load(x + qb);
+  const acc_t mean = simd_sum<acc_t>(sx) * invQ;
   if (lam == acc_t(0)) {  // CE at λ = 0 is the mean, exactly
-    for (int64_t q = 0; q < Q; ++q) w[q] = invQ;
+    if (kWeights) for (int64_t qb = 0; qb < Qp; qb += W) simd_store(w + qb, invQ * lane_valid<acc_t>(iota, qb, Q));
     return mean;
   }
   // z_q = −λ (x_q − mean); CE = mean − log(mean_q exp(z_q)) / λ; ∂CE/∂x = softmax(z).
-  acc_t zmax = -std::numeric_limits<acc_t>::infinity();
-  acc_t zabs = acc_t(0);
-  for (int64_t q = 0; q < Q; ++q) {
-    const acc_t z = -lam * (x[q] - mean);
-    x[q] = z;
-    zmax = z > zmax ? z : zmax;
-    const acc_t az = z < acc_t(0) ? -z : z;
-    zabs = az > zabs ? az : zabs;
+  V zmax_v = V{} - std::numeric_limits<acc_t>::infinity(), zabs_v{};
+  for (int64_t qb = 0; qb < Qp; qb += W) {
+    const V z = (-lam) * (simd_load(x + qb) - mean) * lane_valid<acc_t>(iota, qb, Q);
+    zmax_v = z > zmax_v ? z : zmax_v;
+    const V az = z < acc_t(0) ? -z : z;
+    zabs_v = az > zabs_v ? az : zabs_v;
   }
-  acc_t s = acc_t(0);
-  for (int64_t q = 0; q < Q; ++q) {
-    const acc_t e = vexp(x[q] - zmax);
-    w[q] = e;
+  const acc_t zmax = simd_max<acc_t>(zmax_v), zabs = simd_max<acc_t>(zabs_v);
+  V s{}, s1{};
+  for (int64_t qb = 0; qb < Qp; qb += W) {
+    const V z = (-lam) * (simd_load(x + qb) - mean) * lane_valid<acc_t>(iota, qb, Q);
+    const V e = vexp(z - zmax) * lane_valid<acc_t>(iota, qb, Q);
+    if (kWeights) simd_store(w + qb, e);
     s += e;
+    s1 += expm1_small<V, acc_t>(z);  // pad lanes: z = 0, expm1 = 0
   }
-  const acc_t inv_s = acc_t(1) / s;
-  for (int64_t q = 0; q < Q; ++q) w[q] *= inv_s;
-  acc_t log_mean_exp;
-  if (zabs <= static_cast<acc_t>(kCeSmallZ)) {  // small λ: log1p of mean expm1 keeps precision
-    acc_t s1 = acc_t(0);
-    for (int64_t q = 0; q < Q; ++q) s1 += expm1_small(x[q]);
-    log_mean_exp = std::log1p(s1 * invQ);
-  } else {
-    log_mean_exp = zmax + std::log(s * invQ);
+  const acc_t ssum = simd_sum<acc_t>(s);
+  if (kWeights) {
+    const acc_t inv_s = acc_t(1) / ssum;
+    for (int64_t qb = 0; qb < Qp; qb += W) simd_store(w + qb, simd_load(w + qb) * inv_s);
   }
+  // Small λ: log1p of the mean expm1 keeps full precision (exp(z) − 1 would cancel).
+  const acc_t log_mean_exp = zabs <= static_cast<acc_t>(kCeSmallZ)
+                                 ? std::log1p(simd_sum<acc_t>(s1) * invQ)
+                                 : zmax + std::log(ssum * invQ);
   return mean - log_mean_exp / lam;
 }
 
@@ -191,14 +211,15 @@ PREFCORE_ALWAYS_INLINE void utility_rows(std::bool_constant<kBackward>,
                                          const UtilityArgs<scalar_t, acc_t>& a, int64_t b0,
                                          int64_t b1) {
   const int64_t Q = a.Q;
-  std::vector<acc_t> scratch(2 * Q);
+  const int64_t Qp = (Q + kLanes<acc_t> - 1) / kLanes<acc_t> * kLanes<acc_t>;
+  std::vector<acc_t> scratch(2 * Qp, acc_t(0));  // x's pad lanes stay 0 (mix_row writes [0, Q))
   acc_t* __restrict x = scratch.data();
-  acc_t* __restrict w = x + Q;
+  acc_t* __restrict w = x + Qp;
   const BlockPlan<acc_t> plan = Q >= kLanes<acc_t> ? plan_blocks<acc_t>(Q) : BlockPlan<acc_t>{0, Simd<acc_t>{}};
   for (int64_t b = b0; b < b1; ++b) {
     mix_row(a, b, x);
     const acc_t lam = a.lam[a.lam_per_row ? b : 0];
-    const acc_t value = utility_and_weights(x, w, Q, lam, a.kind);
+    const acc_t value = utility_and_weights<kBackward>(x, w, Q, Qp, lam, a.kind);
     if (!kBackward) {
       a.out[b] = static_cast<scalar_t>(value);
       continue;

@@ -4,5 +4,7 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define PREFCORE_HD __host__ __device__ __forceinline__
 #else
-#define PREFCORE_HD inline
+// Always inlined on the host: the CPU kernels call these with 64-byte SIMD values from inside
+// ISA-targeted clones, and an out-of-line copy would use the baseline ABI for those values.
+#define PREFCORE_HD inline __attribute__((always_inline))
 #endif

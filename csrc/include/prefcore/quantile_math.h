@@ -50,18 +50,18 @@ PREFCORE_HD T pinball_dpred(T u, T tau, HuberScale<E> h) {
 // --- exponential utility / certainty equivalent (QRM eq. 4) -----------------------------
 // expm1 for |z| ≤ 0.5 by a degree-10 Horner polynomial (relative error < 1e-10): branch-free
 // so the CPU loop vectorises, accurate where exp(z) − 1 would cancel.
-template <typename T>
+template <typename T, typename E = T>
 PREFCORE_HD T expm1_small(T z) {
-  T p = T(1) + z / T(11);
-  p = T(1) + z / T(10) * p;
-  p = T(1) + z / T(9) * p;
-  p = T(1) + z / T(8) * p;
-  p = T(1) + z / T(7) * p;
-  p = T(1) + z / T(6) * p;
-  p = T(1) + z / T(5) * p;
-  p = T(1) + z / T(4) * p;
-  p = T(1) + z / T(3) * p;
-  p = T(1) + z / T(2) * p;
+  T p = E(1) + z / E(11);
+  p = E(1) + z / E(10) * p;
+  p = E(1) + z / E(9) * p;
+  p = E(1) + z / E(8) * p;
+  p = E(1) + z / E(7) * p;
+  p = E(1) + z / E(6) * p;
+  p = E(1) + z / E(5) * p;
+  p = E(1) + z / E(4) * p;
+  p = E(1) + z / E(3) * p;
+  p = E(1) + z / E(2) * p;
   return z * p;
 }
 
