@@ -223,6 +223,19 @@ def test_ce_limits_and_monotonicity():
     assert (ces[1:] <= ces[:-1] + 1e-12).all(), "CE must be non-increasing in λ"
 
 
+def test_exp_utility_extremes_match_reference_in_float32():
+    # The CPU kernels use their own vectorised exp: overflow gives -inf like torch, underflow 0,
+    # NaN propagates; far-apart quantiles keep the CE finite (shifted logsumexp).
+    x = torch.tensor([[-100.0] * 16 + [0.0] * 3, [200.0] * 19, [-30.0, 30.0] * 9 + [0.0], [float("nan")] + [0.0] * 18])
+    out = prefcore.ops.exp_utility(x, 1.0, kind="utility")
+    expected = ref.exp_utility(x, 1.0, kind="utility")
+    assert out[0] == -math.inf and expected[0] == -math.inf
+    torch.testing.assert_close(out[1:3], expected[1:3], rtol=1e-5, atol=0)
+    assert torch.isnan(out[3])
+    ce = prefcore.ops.exp_utility(x[:3], 50.0)
+    torch.testing.assert_close(ce, ref.exp_utility(x[:3].double(), 50.0).float(), rtol=1e-5, atol=1e-5)
+
+
 def test_ce_small_lambda_is_accurate_in_float32():
     x = torch.randn(256, 19, dtype=torch.float64)
     for lam in (1e-6, 1e-4, 1e-2, 0.3):
