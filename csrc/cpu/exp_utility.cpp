@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/huge_pages.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "cpu/vec_math.h"
@@ -278,6 +279,7 @@ std::tuple<at::Tensor, at::Tensor> exp_utility_backward_cpu(const at::Tensor& gr
   check_dtype(grad, quantiles.scalar_type(), "grad", "the dtype of quantiles");
   const at::Tensor g = grad.contiguous();
   at::Tensor grad_q = at::empty(quantiles.sizes(), quantiles.options());
+  advise_huge_pages(grad_q);
   at::Tensor grad_gate = p.gate.defined() ? at::empty({p.B, p.M}, quantiles.options())
                                           : at::empty({0}, quantiles.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, quantiles.scalar_type(), "exp_utility_backward_cpu", [&] {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/huge_pages.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "prefcore/quantile_math.h"
@@ -138,6 +139,7 @@ std::tuple<at::Tensor, at::Tensor> pinball_loss_cpu(const at::Tensor& pred,
   const PinballInputs p = prepare_pinball(pred, target, taus, target_mask, kappa);
   at::Tensor loss = at::empty({p.R}, pred.options().dtype(opmath_dtype(pred)));
   at::Tensor dpred = need_grad ? at::empty({p.R, p.Q}, pred.options()) : at::empty({0}, pred.options());
+  advise_huge_pages(dpred);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "pinball_loss_cpu", [&] {
     launch<scalar_t>(p, kappa, nullptr, &loss, need_grad ? &dpred : nullptr);
   });
@@ -153,6 +155,7 @@ at::Tensor pinball_loss_backward_cpu(const at::Tensor& grad_rows, const at::Tens
   check_dtype(grad_rows, opmath_dtype(pred), "grad_rows", "the accumulation dtype of pred");
   const at::Tensor g = grad_rows.contiguous();
   at::Tensor dpred = at::empty({p.R, p.Q}, pred.options());
+  advise_huge_pages(dpred);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "pinball_loss_backward_cpu", [&] {
     launch<scalar_t>(p, kappa, &g, nullptr, &dpred);
   });
