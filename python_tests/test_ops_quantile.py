@@ -207,6 +207,24 @@ def test_exp_utility_gradcheck():
         assert torch.autograd.gradcheck(lambda q: prefcore.ops.exp_utility(q, lam, kind=kind), (quant[:, 0].detach().requires_grad_(),))
 
 
+def test_large_outputs_with_huge_page_advice_match_reference():
+    # Outputs >= 8 MB take the madvise(MADV_HUGEPAGE) path (csrc/cpu/huge_pages.h); values unchanged.
+    quant = torch.randn(16384, 8, 19, requires_grad=True)  # 10 MB gradient
+    gate = torch.softmax(torch.randn(16384, 8), -1).requires_grad_()
+    out = prefcore.ops.exp_utility(quant, 0.8, gate)
+    gq, gg = torch.autograd.grad(out.sum(), (quant, gate))
+    q64, g64 = quant.detach().double().requires_grad_(), gate.detach().double().requires_grad_()
+    rq, rg = torch.autograd.grad(ref.exp_utility(q64, 0.8, g64).sum(), (q64, g64))
+    torch.testing.assert_close(gq.double(), rq, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gg.double(), rg, rtol=1e-5, atol=1e-5)
+    pred = torch.randn(131072, 19, requires_grad=True)  # 10 MB fused gradient
+    target = torch.randn(131072, 3)
+    (gp,) = torch.autograd.grad(prefcore.ops.pinball_loss(pred, target, TAUS19, reduction="sum"), pred)
+    p64 = pred.detach().double().requires_grad_()
+    (rp,) = torch.autograd.grad(ref.pinball_loss(p64, target.double(), TAUS19.double(), reduction="sum"), p64)
+    torch.testing.assert_close(gp.double(), rp, rtol=1e-5, atol=1e-6)
+
+
 def test_ce_limits_and_monotonicity():
     x = torch.randn(64, 19, dtype=torch.float64)
     mean, var = x.mean(-1), x.var(-1, unbiased=False)
