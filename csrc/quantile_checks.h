@@ -95,4 +95,22 @@ inline UtilityInputs prepare_utility(const at::Tensor& quantiles, const at::Tens
   return p;
 }
 
+// The upstream gradient of a backward op: (R,) in the accumulation dtype, on pred's device.
+inline at::Tensor checked_pinball_grad_rows(const at::Tensor& grad_rows, const PinballInputs& p) {
+  check_dim(grad_rows, 1, "grad_rows");
+  check_size(grad_rows, 0, p.R, "grad_rows", "pred.size(0)");
+  check_dtype(grad_rows, opmath_dtype(p.pred), "grad_rows", "the accumulation dtype of pred");
+  check_same_device(grad_rows, p.pred, "grad_rows", "pred");
+  return grad_rows.contiguous();
+}
+
+// The upstream gradient of exp_utility: (B,) in the dtype of quantiles, on their device.
+inline at::Tensor checked_utility_grad(const at::Tensor& grad, const UtilityInputs& p) {
+  check_dim(grad, 1, "grad");
+  check_size(grad, 0, p.B, "grad", "quantiles.size(0)");
+  check_dtype(grad, p.quantiles.scalar_type(), "grad", "the dtype of quantiles");
+  check_same_device(grad, p.quantiles, "grad", "quantiles");
+  return grad.contiguous();
+}
+
 }  // namespace prefcore

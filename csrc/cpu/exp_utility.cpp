@@ -274,10 +274,7 @@ std::tuple<at::Tensor, at::Tensor> exp_utility_backward_cpu(const at::Tensor& gr
                                                             const std::optional<at::Tensor>& gate,
                                                             int64_t kind) {
   const UtilityInputs p = prepare_utility(quantiles, lam, gate, kind);
-  check_dim(grad, 1, "grad");
-  check_size(grad, 0, p.B, "grad", "quantiles.size(0)");
-  check_dtype(grad, quantiles.scalar_type(), "grad", "the dtype of quantiles");
-  const at::Tensor g = grad.contiguous();
+  const at::Tensor g = checked_utility_grad(grad, p);
   at::Tensor grad_q = at::empty(quantiles.sizes(), quantiles.options());
   advise_huge_pages(grad_q);
   at::Tensor grad_gate = p.gate.defined() ? at::empty({p.B, p.M}, quantiles.options())

@@ -150,10 +150,7 @@ at::Tensor pinball_loss_backward_cpu(const at::Tensor& grad_rows, const at::Tens
                                      const at::Tensor& target, const at::Tensor& taus,
                                      const std::optional<at::Tensor>& target_mask, double kappa) {
   const PinballInputs p = prepare_pinball(pred, target, taus, target_mask, kappa);
-  check_dim(grad_rows, 1, "grad_rows");
-  check_size(grad_rows, 0, p.R, "grad_rows", "pred.size(0)");
-  check_dtype(grad_rows, opmath_dtype(pred), "grad_rows", "the accumulation dtype of pred");
-  const at::Tensor g = grad_rows.contiguous();
+  const at::Tensor g = checked_pinball_grad_rows(grad_rows, p);
   at::Tensor dpred = at::empty({p.R, p.Q}, pred.options());
   advise_huge_pages(dpred);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "pinball_loss_backward_cpu", [&] {

@@ -116,11 +116,7 @@ at::Tensor pinball_loss_backward_cuda(const at::Tensor& grad_rows, const at::Ten
                                       const std::optional<at::Tensor>& target_mask, double kappa) {
   const c10::cuda::CUDAGuard guard(pred.device());
   const PinballInputs p = prepare_pinball(pred, target, taus, target_mask, kappa);
-  check_dim(grad_rows, 1, "grad_rows");
-  check_size(grad_rows, 0, p.R, "grad_rows", "pred.size(0)");
-  check_dtype(grad_rows, opmath_dtype(pred), "grad_rows", "the accumulation dtype of pred");
-  check_same_device(grad_rows, pred, "grad_rows", "pred");
-  const at::Tensor g = grad_rows.contiguous();
+  const at::Tensor g = checked_pinball_grad_rows(grad_rows, p);
   at::Tensor dpred = at::empty({p.R, p.Q}, pred.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "pinball_loss_backward_cuda", [&] {
     launch_pinball<scalar_t>(p, kappa, &g, nullptr, &dpred);
@@ -253,11 +249,7 @@ std::tuple<at::Tensor, at::Tensor> exp_utility_backward_cuda(const at::Tensor& g
                                                              const std::optional<at::Tensor>& gate, int64_t kind) {
   const c10::cuda::CUDAGuard guard(quantiles.device());
   const UtilityInputs p = prepare_utility(quantiles, lam, gate, kind);
-  check_dim(grad, 1, "grad");
-  check_size(grad, 0, p.B, "grad", "quantiles.size(0)");
-  check_dtype(grad, quantiles.scalar_type(), "grad", "the dtype of quantiles");
-  check_same_device(grad, quantiles, "grad", "quantiles");
-  const at::Tensor g = grad.contiguous();
+  const at::Tensor g = checked_utility_grad(grad, p);
   at::Tensor grad_q = at::empty(quantiles.sizes(), quantiles.options());
   at::Tensor grad_gate = p.gate.defined() ? at::empty({p.B, p.M}, quantiles.options()) : at::empty({0}, quantiles.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, quantiles.scalar_type(), "exp_utility_backward_cuda", [&] {
