@@ -51,6 +51,9 @@ def test_default_taus_are_qrm_levels():
     assert head.taus.dtype == torch.float32 and head.taus.shape == (19,)
     torch.testing.assert_close(head.taus, torch.linspace(0.05, 0.95, 19), rtol=0, atol=1e-7)
     assert "taus" in head.state_dict()  # a buffer, saved with the weights
+    head = head.to(torch.bfloat16)
+    assert head.linear.weight.dtype == torch.bfloat16 and head.taus.dtype == torch.float32
+    assert head.taus.tolist() == torch.tensor(taus, dtype=torch.float32).tolist()  # not rounded to bf16
 
 
 @pytest.mark.parametrize("lead", [(5,), (2, 3), ()])

@@ -249,7 +249,7 @@ def test_bad_arguments(llama_dir, tmp_path):
         RewardModel(backbone, QuantileHead(8))
     with pytest.raises(ValueError, match="head in_features must equal the backbone hidden size"):
         RewardModel.from_pretrained_backbone(llama_dir, QuantileHeadConfig(32))
-    with pytest.raises(TypeError, match="head config must be one of"):
+    with pytest.raises(TypeError, match="head must be a prefcore head .*got Linear"):
         RewardModel(backbone, nn.Linear(HIDDEN, 1))
     with pytest.raises(ValueError, match="local directory with a config.json"):
         RewardModel.from_pretrained_backbone(tmp_path / "nope", {"kind": "scalar"})
@@ -274,3 +274,5 @@ def test_bad_arguments(llama_dir, tmp_path):
         model(ids, torch.ones(2, 3))
     with pytest.raises(ValueError, match="at least one sequence"):
         model(ids[:0])
+    with pytest.raises(ValueError, match=r"input_ids must be on the backbone's device \(cpu\), got meta"):
+        model(ids.to("meta"), torch.ones(2, 3, dtype=torch.bool, device="meta"))

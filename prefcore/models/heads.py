@@ -77,8 +77,8 @@ class QuantileHeadConfig:
 class QuantileHead(nn.Module):
     r"""M attributes × Q linear quantile heads (QRM §3.4.1): ``h (*, D) → (*, M, Q)``.
 
-    ``taus (Q,)`` (a float32 buffer, strictly increasing inside (0, 1)) are the levels each
-    output column estimates; train with ``prefcore.ops.pinball_loss(out, scores, head.taus)``.
+    ``taus (Q,)`` (a float32 buffer, strictly increasing inside (0, 1); it stays float32 when the
+    head is cast to another dtype) are the levels each output column estimates; train with ``prefcore.ops.pinball_loss(out, scores, head.taus)``.
 
     ``non_crossing=False``: one linear layer, :math:`\hat Q_{mq} = w_{mq}^\top h + b_{mq}` (QRM).
     ``non_crossing=True``: the layer's outputs ``r`` are read as the first quantile plus
@@ -106,6 +106,13 @@ class QuantileHead(nn.Module):
                 gaps = (z[1:] - z[:-1]).clamp_min(1e-6)
                 z = torch.cat([z[:1], _inverse_softplus(gaps)])
             self.linear.bias.copy_(z.to(torch.float32).repeat(cfg.num_attributes))
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # ``.to(dtype)``/``.half()`` cast floating buffers too; the levels must stay exact float32
+        # (0.15 is not representable in bfloat16), so they are rebuilt from the config after any cast.
+        super()._apply(fn, recurse)
+        self.taus = torch.tensor(self._config.taus, dtype=torch.float32, device=self.taus.device)
+        return self
 
     @property
     def config(self) -> QuantileHeadConfig:

@@ -121,6 +121,11 @@ def pooled_features(backbone: nn.Module, input_ids: torch.Tensor, attention_mask
     """Pooled backbone features ``(B, D)`` of a padded batch; independent of the padding side,
     of interior padding and of the other rows of the batch (up to floating-point rounding)."""
     require_choice(pooling, "pooling", POOLINGS)
+    param = next(iter(backbone.parameters()), None)
+    if param is not None and param.device != require_tensor(input_ids, "input_ids").device:
+        raise ValueError(f"input_ids must be on the backbone's device ({param.device}), got {input_ids.device}")
     ids, mask = check_batch(input_ids, attention_mask)
     ids, mask = pack_left(ids, mask)
+    width = int(mask.sum(-1).max())  # columns after the longest packed row hold only padding
+    ids, mask = ids[:, :width], mask[:, :width]
     return pool(backbone_hidden_states(backbone, ids, mask), mask, pooling)

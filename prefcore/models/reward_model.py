@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from prefcore.models._io import atomic_save_safetensors, atomic_write_json, sha256_file, sha256_state_dict
-from prefcore.models.config import HeadConfig, build_head, head_config_from_dict, head_config_to_dict
+from prefcore.models.config import HEAD_TYPES, HeadConfig, build_head, head_config_from_dict, head_config_to_dict
 from prefcore.models.heads import GMMHead, MeanVarianceHead, MixtureParams, QuantileHead
 from prefcore.models.pooling import POOLINGS, pooled_features
 from prefcore.ops._checks import require_choice
@@ -87,7 +87,9 @@ class RewardModel(nn.Module):
         require_choice(pooling, "pooling", POOLINGS)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be a torch.nn.Module (a transformers model), got {type(backbone).__name__}")
-        head_config_to_dict(getattr(head, "config", None))  # TypeError unless head is a prefcore head
+        if not isinstance(head, tuple(h for _, h in HEAD_TYPES.values())):
+            names = ", ".join(h.__name__ for _, h in HEAD_TYPES.values())
+            raise TypeError(f"head must be a prefcore head ({names}), got {type(head).__name__}")
         backbone = getattr(backbone, "base_model", backbone)
         hidden = backbone_hidden_size(backbone)
         in_features = head.config.in_features
