@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Union
 
-from torch import nn
 
 from prefcore.models.gating import GatingNetwork, GatingNetworkConfig
 from prefcore.models.heads import (
