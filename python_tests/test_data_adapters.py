@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
@@ -269,7 +270,7 @@ def test_multi_annotator_fixture():
 
 
 def test_multi_annotator_custom_columns_and_int_ids():
-    rows = [{"qid": 7, "context": "c", "reply": "r", "rater": 17, "rating": 0.0},
+    rows = [{"qid": np.int64(7), "context": "c", "reply": "r", "rater": np.int32(17), "rating": 0.0},
             {"qid": 7, "context": "c", "reply": "r", "rater": "x9", "rating": 10.0},
             {"qid": 8, "context": "c", "reply": "r2", "rater": 17, "rating": 2.5}]
     ds = load_multi_annotator(rows, source_range=(0, 10), item_key="qid", prompt_key="context",

@@ -9,6 +9,8 @@ import json
 import math
 import pickle
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -251,3 +253,13 @@ def test_scores_tensor_from_validated_records():
     assert scores.dtype == torch.float64 and mask.dtype == torch.bool
     assert torch.equal(scores, torch.tensor([[0.5, -0.5], [1.0, 0.0]], dtype=torch.float64))
     assert torch.equal(mask, torch.tensor([[True, True], [True, False]]))
+
+
+def test_numpy_scalars_are_numbers_but_numpy_bools_are_not():
+    ds = load_ratings([_with(RATING, scores=[np.float32(0.5), np.int64(-1)])])
+    assert ds[0].scores == (0.5, -1.0) and all(type(s) is float for s in ds[0].scores)
+    assert load_pairs([_with(PAIR, votes=[np.int64(1), np.int8(0)])])[0].votes == (1, 0)
+    with pytest.raises(DataValidationError, match=r"field 'scores\[0\]'.*got bool"):
+        load_ratings([_with(RATING, scores=[np.bool_(True), 0.0])])
+    with pytest.raises(DataValidationError, match=r"field 'votes\[0\]'"):
+        load_pairs([_with(PAIR, votes=[np.bool_(True)])])

@@ -24,7 +24,8 @@ multi-annotator (long)      one row per (item, annotator): item     ratings grou
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+import numbers
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from prefcore.data.schemas import (
     PairRecord,
     RatingRecord,
     Where,
+    _is_bool,
     check_list,
     check_mapping,
     check_number,
@@ -258,8 +260,8 @@ class _Item:
 
 def _annotator_id(value: Any, field: str, where: Where) -> str:
     # Integer ids are common in crowd-sourcing exports; they are stored as their decimal text.
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+    if isinstance(value, numbers.Integral) and not _is_bool(value):
+        return str(int(value))
     return check_text(value, field, where)
 
 
@@ -299,8 +301,10 @@ def load_multi_annotator(path_or_records: RowSource, *, source_range: tuple[floa
             key: Hashable = (prompt, response)
         else:
             key = r.get(item_key)
-            if isinstance(key, bool) or not isinstance(key, (str, int)) or (isinstance(key, str) and not key.strip()):
+            if _is_bool(key) or not isinstance(key, (str, numbers.Integral)) or (isinstance(key, str) and not key.strip()):
                 raise where.error(item_key, "an item id (non-empty string or integer)", key)
+            if not isinstance(key, str):
+                key = int(key)  # NumPy and Python integers of equal value are one item
         annotator = _annotator_id(r.get(annotator_key), annotator_key, where)
         score = check_number(r.get(score_key), score_key, where, (lo, hi))
         item = items.get(key)

@@ -13,9 +13,9 @@ Rules shared by every schema (decisions, since DESIGN is silent):
 
 * Text fields must be ``str`` with at least one non-whitespace character; the text is kept
   exactly as given (never stripped), so a record round-trips byte for byte.
-* Numbers must be ``int`` or ``float`` (``bool`` and numeric strings such as ``"0.5"`` are
-  rejected: silently coercing them hides broken exports), finite, and inside the declared
-  closed range.
+* Numbers must be real numbers (``int``, ``float`` or NumPy scalars; ``bool`` and numeric
+  strings such as ``"0.5"`` are rejected: silently coercing them hides broken exports), finite,
+  and inside the declared closed range. Lists must be ``list`` or ``tuple``.
 * A missing field and a ``null`` field are the same thing (Arrow fills absent columns with
   ``null``); optional fields may be absent or ``null``.
 * Fields a schema does not know are ignored, so source rows may carry ids and metadata.
@@ -23,6 +23,7 @@ Rules shared by every schema (decisions, since DESIGN is silent):
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,12 @@ def describe(value: Any) -> str:
 # --------------------------------------------------------------------------- field checks
 
 
+def _is_bool(value: Any) -> bool:
+    # NumPy's bool is not a subclass of bool; recognise it by name to avoid importing numpy.
+    t = type(value)
+    return isinstance(value, bool) or (t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"))
+
+
 def check_text(value: Any, field: str, where: Where) -> str:
     """A non-empty string (at least one non-whitespace character), returned unchanged."""
     if not isinstance(value, str):
@@ -92,8 +99,9 @@ def check_text(value: Any, field: str, where: Where) -> str:
 
 
 def check_number(value: Any, field: str, where: Where, value_range: tuple[float, float] | None = None) -> float:
-    """A finite ``int``/``float`` (not ``bool``, not a string) inside ``value_range`` (closed)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number (``int``, ``float``, NumPy scalars; not ``bool``, not a string)
+    inside ``value_range`` (closed), returned as ``float``."""
+    if _is_bool(value) or not isinstance(value, numbers.Real):
         expected = "a finite number" if value_range is None else f"a finite number in [{value_range[0]:g}, {value_range[1]:g}]"
         raise where.error(field, expected, value)
     v = float(value)
@@ -173,7 +181,7 @@ def _check_votes(votes: Any, where: Where) -> tuple[int, ...] | None:
     for i, v in enumerate(votes):
         # bool is rejected on purpose: the schema says 0|1, and True/False usually means a
         # column of a different meaning (e.g. "is_flipped") was mapped here by mistake.
-        if isinstance(v, bool) or not isinstance(v, int) or v not in (0, 1):
+        if _is_bool(v) or not isinstance(v, numbers.Integral) or v not in (0, 1):
             raise where.error(f"votes[{i}]", "0 or 1 (1 = this annotator prefers chosen)", v)
         out.append(int(v))
     return tuple(out)
