@@ -5,22 +5,21 @@ Each ``load_*`` reads a local JSONL/Parquet file (or an iterable of rows, e.g. a
 and validates the result; errors name the source row and the source's own field. Nothing is
 downloaded. The ``*_row`` functions convert one row and are usable on their own.
 
-==========================  =====================================  ===============================
-source                      layout read                            result
-==========================  =====================================  ===============================
-HelpSteer2 (nvidia)         prompt, response, helpfulness,         attributes, each 0–4 → v/4 in
-                            correctness, coherence, complexity,    [0, 1]
-                            verbosity (int 0–4)
-UltraFeedback, binarized    prompt, chosen/rejected (message        pairs: final assistant messages;
-(HuggingFaceH4)             lists), score_chosen, score_rejected   optional margin from the scores
-UltraFeedback, raw          instruction, completions[{response,     ratings: one record per
-(openbmb)                   annotations{aspect: {Rating}}}]        completion, one score per aspect
-HH-RLHF (Anthropic)         chosen, rejected (full transcripts)    pairs: shared prefix + final
-                                                                   assistant replies
-multi-annotator (long)      one row per (item, annotator): item     ratings grouped per item, with
-                            id, prompt, response, annotator id,     annotator_ids, scores → [−1, 1]
-                            score
-==========================  =====================================  ===============================
+Sources, the layout read, and the result:
+
+* **HelpSteer2** (``nvidia/HelpSteer2``): ``prompt, response, helpfulness, correctness,
+  coherence, complexity, verbosity`` (integers 0–4) → attributes, each ``v/4`` in [0, 1].
+* **UltraFeedback, binarized** (``HuggingFaceH4/ultrafeedback_binarized``): ``prompt``,
+  ``chosen``/``rejected`` (chat message lists), ``score_chosen``, ``score_rejected`` → pairs of
+  the final assistant messages, optionally with a margin from the score gap.
+* **UltraFeedback, raw** (``openbmb/UltraFeedback``): ``instruction``,
+  ``completions[{response, annotations: {aspect: {Rating}}}]`` → ratings, one record per
+  completion and one score per rated aspect, 1–5 → [−1, 1].
+* **HH-RLHF** (``Anthropic/hh-rlhf``): ``chosen``, ``rejected`` (full transcripts) → pairs of
+  the shared dialogue prefix and the two final assistant replies.
+* **Multi-annotator long tables**: one row per (item, annotator) with item id, prompt,
+  response, annotator id and score (column names configurable) → ratings grouped per item
+  with ``annotator_ids``, scores mapped linearly from the declared source scale onto [−1, 1].
 """
 from __future__ import annotations
 
@@ -36,12 +35,12 @@ from prefcore.data.schemas import (
     PairRecord,
     RatingRecord,
     Where,
-    _is_bool,
     check_list,
     check_mapping,
     check_number,
     check_range_arg,
     check_text,
+    is_bool,
 )
 
 # --------------------------------------------------------------------------- HelpSteer2
@@ -260,7 +259,7 @@ class _Item:
 
 def _annotator_id(value: Any, field: str, where: Where) -> str:
     # Integer ids are common in crowd-sourcing exports; they are stored as their decimal text.
-    if isinstance(value, numbers.Integral) and not _is_bool(value):
+    if isinstance(value, numbers.Integral) and not is_bool(value):
         return str(int(value))
     return check_text(value, field, where)
 
@@ -301,7 +300,7 @@ def load_multi_annotator(path_or_records: RowSource, *, source_range: tuple[floa
             key: Hashable = (prompt, response)
         else:
             key = r.get(item_key)
-            if _is_bool(key) or not isinstance(key, (str, numbers.Integral)) or (isinstance(key, str) and not key.strip()):
+            if is_bool(key) or not isinstance(key, (str, numbers.Integral)) or (isinstance(key, str) and not key.strip()):
                 raise where.error(item_key, "an item id (non-empty string or integer)", key)
             if not isinstance(key, str):
                 key = int(key)  # NumPy and Python integers of equal value are one item

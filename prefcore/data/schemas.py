@@ -83,7 +83,7 @@ def describe(value: Any) -> str:
 # --------------------------------------------------------------------------- field checks
 
 
-def _is_bool(value: Any) -> bool:
+def is_bool(value: Any) -> bool:
     # NumPy's bool is not a subclass of bool; recognise it by name to avoid importing numpy.
     t = type(value)
     return isinstance(value, bool) or (t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"))
@@ -101,7 +101,7 @@ def check_text(value: Any, field: str, where: Where) -> str:
 def check_number(value: Any, field: str, where: Where, value_range: tuple[float, float] | None = None) -> float:
     """A finite real number (``int``, ``float``, NumPy scalars; not ``bool``, not a string)
     inside ``value_range`` (closed), returned as ``float``."""
-    if _is_bool(value) or not isinstance(value, numbers.Real):
+    if is_bool(value) or not isinstance(value, numbers.Real):
         expected = "a finite number" if value_range is None else f"a finite number in [{value_range[0]:g}, {value_range[1]:g}]"
         raise where.error(field, expected, value)
     v = float(value)
@@ -181,7 +181,7 @@ def _check_votes(votes: Any, where: Where) -> tuple[int, ...] | None:
     for i, v in enumerate(votes):
         # bool is rejected on purpose: the schema says 0|1, and True/False usually means a
         # column of a different meaning (e.g. "is_flipped") was mapped here by mistake.
-        if _is_bool(v) or not isinstance(v, numbers.Integral) or v not in (0, 1):
+        if is_bool(v) or not isinstance(v, numbers.Integral) or v not in (0, 1):
             raise where.error(f"votes[{i}]", "0 or 1 (1 = this annotator prefers chosen)", v)
         out.append(int(v))
     return tuple(out)
