@@ -97,6 +97,14 @@ def test_json_syntax_error_names_the_line(tmp_path):
         load_ratings(path)
 
 
+def test_empty_jsonl_gives_an_empty_collection(tmp_path):
+    for text in ("", "\n  \n"):
+        path = tmp_path / "empty.jsonl"
+        path.write_text(text)
+        ds = load_ratings(path)
+        assert len(ds) == 0 and ds.num_skipped == 0 and ds.scores_tensor()[0].shape == (0, 0)
+
+
 def test_read_rows_argument_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_ratings(tmp_path / "missing.jsonl")

@@ -74,7 +74,18 @@ def read_rows(path_or_records: RowSource) -> tuple[str, list[Any]]:
     return "<records>", list(path_or_records)
 
 
+def _is_blank(path: Path, chunk: int = 1 << 16) -> bool:
+    """True if the file holds only whitespace (stops at the first other byte)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return False
+    return True
+
+
 def _read_json(path: Path) -> list[Any]:
+    if _is_blank(path):  # datasets' JSON builder fails on an empty file instead of giving 0 rows
+        return []
     import datasets  # lazy: importing datasets costs ~1 s and most of prefcore never needs it
 
     with tempfile.TemporaryDirectory(prefix="prefcore-data-") as cache_dir:
