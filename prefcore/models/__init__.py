@@ -21,11 +21,11 @@ from prefcore.models.heads import (
     default_taus,
 )
 from prefcore.models.pooling import POOLINGS, pooled_features, position_ids_from_mask
-from prefcore.models.reward_model import RewardModel
+from prefcore.models.reward_model import RewardModel, load_backbone
 
 __all__ = [
     "HEAD_TYPES", "POOLINGS", "GMMHead", "GMMHeadConfig", "GatingNetwork", "GatingNetworkConfig", "HeadConfig",
     "MeanVariance", "MeanVarianceHead", "MeanVarianceHeadConfig", "MixtureParams", "QuantileHead",
     "QuantileHeadConfig", "RewardModel", "ScalarHead", "ScalarHeadConfig", "build_head", "default_taus",
-    "head_config_from_dict", "head_config_to_dict", "pooled_features", "position_ids_from_mask",
+    "head_config_from_dict", "head_config_to_dict", "load_backbone", "pooled_features", "position_ids_from_mask",
 ]

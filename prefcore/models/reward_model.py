@@ -53,7 +53,7 @@ def backbone_hidden_size(backbone: nn.Module) -> int | None:
     return int(size) if isinstance(size, int) else None
 
 
-def _load_auto_backbone(path: str | os.PathLike[str], dtype: torch.dtype | None) -> PreTrainedModel:
+def load_backbone(path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> PreTrainedModel:
     """``AutoModel.from_pretrained`` from a local directory only (never the hub)."""
     from transformers import AutoModel  # imported lazily: transformers is slow to import
 
@@ -116,7 +116,7 @@ class RewardModel(nn.Module):
         ``dtype`` is the backbone's dtype (default: as saved); the head is float32.
         """
         require_choice(pooling, "pooling", POOLINGS)
-        backbone = _load_auto_backbone(path, dtype)
+        backbone = load_backbone(path, dtype)
         if isinstance(head_config, dict):
             data = dict(head_config)
             if "in_features" not in data and backbone_hidden_size(backbone) is not None:
@@ -242,11 +242,11 @@ class RewardModel(nn.Module):
         info = cfg["backbone"]
         require_choice(info.get("mode"), "backbone mode in " + CONFIG_NAME, BACKBONE_MODES)
         if info["mode"] == "copy":
-            backbone = _load_auto_backbone(root / info["subfolder"], dtype)
+            backbone = load_backbone(root / info["subfolder"], dtype)
             path = None
         else:
             path = info["path"]
-            backbone = _load_auto_backbone(path, dtype)
+            backbone = load_backbone(path, dtype)
             if verify and sha256_state_dict(backbone.state_dict()) != info["sha256"]:
                 raise ValueError(f"the backbone weights at the referenced path {path!r} changed since this model was saved")
         model = cls(backbone, head, pooling=cfg["pooling"], freeze_backbone=bool(cfg["backbone_frozen"]), backbone_path=path)
