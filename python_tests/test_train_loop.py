@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from prefcore.train.checkpoint import atomic_save
+from prefcore._io import atomic_torch_save
 from prefcore.train.loop import CHECKPOINT, METRICS, LoopConfig, MetricsLog, batch_indices, load_checkpoint, run_stage
 
 
@@ -86,14 +86,14 @@ def test_non_finite_loss_is_an_error_not_a_silent_nan(tmp_path):
 
 def test_atomic_save_never_leaves_a_truncated_file(tmp_path):
     path = str(tmp_path / CHECKPOINT)
-    atomic_save({"step": 1}, path)
+    atomic_torch_save(path, {"step": 1})
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("cannot pickle")
 
     with pytest.raises(RuntimeError, match="cannot pickle"):
-        atomic_save({"step": 2, "bad": Unpicklable()}, path)
+        atomic_torch_save(path, {"step": 2, "bad": Unpicklable()})
     assert torch.load(path)["step"] == 1  # the old checkpoint survives intact
     assert os.listdir(tmp_path) == [CHECKPOINT]  # no temp file left behind
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from prefcore._io import atomic_write
 from prefcore.data.containers import AttributesDataset, PairsDataset, RatingsDataset
 from prefcore.data.schemas import (
     DEFAULT_ATTR_RANGE,
@@ -201,10 +202,11 @@ def save_jsonl(records: Iterable[Any], path: PathLike) -> int:
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"path: directory does not exist: {str(path.parent)!r}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+
+    def write(tmp: str) -> None:
+        nonlocal n
+        with open(tmp, "w", encoding="utf-8") as f:
             for i, rec in enumerate(records):
                 row = rec.to_dict() if hasattr(rec, "to_dict") else rec
                 if not isinstance(row, Mapping):
@@ -215,11 +217,6 @@ def save_jsonl(records: Iterable[Any], path: PathLike) -> int:
                     raise ValueError(f"records[{i}] is not strict JSON (NaN/infinity are not allowed): {exc}") from exc
                 f.write(line + "\n")
                 n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
     return n

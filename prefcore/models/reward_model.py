@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from prefcore.models._io import atomic_save_safetensors, atomic_write_json, sha256_file, sha256_state_dict
+from prefcore._io import atomic_save_safetensors, atomic_write_json, sha256_file, sha256_state_dict
 from prefcore.models.config import HEAD_TYPES, HeadConfig, build_head, head_config_from_dict, head_config_to_dict
 from prefcore.models.heads import GMMHead, MeanVarianceHead, MixtureParams, QuantileHead
 from prefcore.models.pooling import POOLINGS, pooled_features

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from prefcore.models._checks import require_int
-from prefcore.models._io import atomic_save_safetensors, atomic_write_json, sha256_file, sha256_strings
+from prefcore._io import atomic_save_safetensors, atomic_write_json, sha256_file, sha256_strings
 from prefcore.models.pooling import POOLINGS, pooled_features
 from prefcore.models.reward_model import backbone_hidden_size
 from prefcore.ops._checks import FLOATING, require_choice

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefcore.train.checkpoint import atomic_save
+from prefcore._io import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -140,12 +140,12 @@ def run_stage(
     log = MetricsLog(os.path.join(run_dir, METRICS))
 
     def save(step: int, finished: bool) -> None:
-        atomic_save({
+        atomic_torch_save(os.path.join(run_dir, CHECKPOINT), {
             "stage": stage, "step": step, "finished": finished,
             "done_stages": done_stages + ([stage] if finished else []),
             "module": module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "loop_config": asdict(cfg),
-        }, os.path.join(run_dir, CHECKPOINT))
+        })
 
     bar = None
     if progress:

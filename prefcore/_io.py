@@ -1,4 +1,5 @@
-"""Small file helpers shared by model checkpoints and the feature cache: atomic writes and hashes.
+"""File helpers shared by every writer in prefcore (training checkpoints, model saves, the feature
+cache, JSONL data): atomic writes and content hashes.
 
 An atomic write goes to a temporary file in the destination's directory (same filesystem), is
 flushed and fsynced, then ``os.replace``d onto the final name. A reader therefore sees either
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` to produce the file, then move it onto ``path`` atomically."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -33,15 +35,28 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         raise
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: object) -> None:
-    """Write ``obj`` as pretty JSON (sorted keys, trailing newline) atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
     def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
 
     atomic_write(path, write)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(path: str | os.PathLike[str], obj: object) -> None:
+    """``torch.save(obj, path)`` atomically (a failure while pickling leaves the old file)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: object) -> None:
+    """Write ``obj`` as pretty JSON (sorted keys, trailing newline) atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def atomic_save_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],

@@ -1,0 +1,195 @@
+"""Reward-model training on frozen features: Bradley–Terry (plain and vote-margin), QRM, GMM and
+mean-variance heads, with resumable checkpoints, JSONL metrics and an evaluation report.
+
+The frozen-backbone path is what QRM does: pooled features of every text are extracted once
+(:mod:`prefcore.train.features`, cached under ``OUT/features``) and only the heads are trained.
+The embedded synthetic default (:mod:`prefcore.data.synthetic`) provides features directly.
+
+Methods (``TrainRMConfig.method``) and the data each needs:
+
+===========  ========================================================================================
+``bt``        pairs; ``ScalarHead`` with ``−log σ(r_c − r_r)``
+``bt-margin`` pairs with votes; ``−log σ(r_c − r_r − m)``, ``m = |Σ j − n/2|/(n/2)``
+``qrm``       ratings/attributes (stage 1: ``QuantileHead`` with the fused pinball loss), then pairs
+              with prompt features (stage 2: ``GatingNetwork`` with BT on ``Σ_m g_m·E[Q_m]``, heads frozen)
+``gmm``       ratings; ``GMMHead`` with the fused ``gmm_nll`` — on the raw scores (``gmm_target=scores``),
+              or on a grid target from ``fit_gmm_em`` (``em``) or ``grid_histogram`` (``histogram``)
+``mean-var``  ratings; ``MeanVarianceHead`` with the Gaussian NLL of the scores
+===========  ========================================================================================
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from prefcore._io import atomic_save_safetensors, atomic_write_json
+from prefcore.train.loop import METRICS, LoopConfig, MetricsLog, load_checkpoint, run_stage
+
+METHODS = ("bt", "bt-margin", "qrm", "gmm", "mean-var")
+GMM_TARGETS = ("scores", "em", "histogram")
+
+
+@dataclass
+class TrainRMConfig:
+    """Configuration of ``prefcore train-rm`` (flags, or a JSON/YAML file with these keys)."""
+
+    method: str = field(metadata={"help": f"one of {', '.join(METHODS)}"})
+    data: str = field(default="synthetic", metadata={"help": "'synthetic' (embedded simulated population) or a "
+                                                              "JSONL/Parquet file of ratings, attributes or pairs"})
+    pairs: str | None = field(default=None, metadata={"help": "qrm only: JSONL/Parquet pairs for the gating stage"})
+    attributes: str | None = field(default=None, metadata={"help": "comma-separated attribute columns: --data holds "
+                                                                   "attribute records (qrm)"})
+    score_range: str = field(default="-1,1", metadata={"help": "declared score range 'lo,hi' of ratings/attributes"})
+    skip_invalid: bool = field(default=False, metadata={"help": "skip (and count) invalid rows instead of failing"})
+    backbone: str | None = field(default=None, metadata={"help": "local path of a transformers AutoModel (text data)"})
+    max_length: int = field(default=256, metadata={"help": "tokens per text for feature extraction"})
+    feature_batch_size: int = field(default=16, metadata={"help": "batch size of feature extraction"})
+    out: str | None = field(default=None, metadata={"help": "run directory (default runs/rm-<method>)"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
+    steps: int = field(default=600, metadata={"help": "optimisation steps (stage 1)"})
+    gate_steps: int = field(default=300, metadata={"help": "qrm: steps of the gating stage"})
+    batch_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    eval_fraction: float = field(default=0.2, metadata={"help": "held-out fraction for the evaluation report"})
+    num_items: int = field(default=4000, metadata={"help": "synthetic: number of rated items"})
+    num_pairs: int = field(default=4000, metadata={"help": "synthetic: number of preference pairs"})
+    k: int = field(default=3, metadata={"help": "gmm: mixture components"})
+    gmm_target: str = field(default="scores", metadata={"help": f"gmm: one of {', '.join(GMM_TARGETS)}"})
+    grid_size: int = field(default=201, metadata={"help": "gmm em/histogram: grid points over the score range"})
+    bandwidth: float = field(default=0.1, metadata={"help": "gmm histogram: KDE bandwidth"})
+    non_crossing: bool = field(default=False, metadata={"help": "qrm: monotone quantile parametrisation"})
+    risk_lambda: float = field(default=2.0, metadata={"help": "report: λ of the certainty equivalent"})
+    risk_alpha: float = field(default=0.1, metadata={"help": "report: α of CVaR/VaR"})
+    progress: bool = field(default=True, metadata={"help": "show tqdm progress bars"})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.gmm_target not in GMM_TARGETS:
+            raise ValueError(f"gmm_target must be one of {GMM_TARGETS}, got {self.gmm_target!r}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must lie in (0, 1), got {self.eval_fraction}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        lo, hi = self.range
+        if not lo < hi:
+            raise ValueError(f"score_range must be 'lo,hi' with lo < hi, got {self.score_range!r}")
+        if self.out is None:
+            self.out = os.path.join("runs", f"rm-{self.method}")
+        self.loop_config(self.steps)  # validates the optimisation settings
+
+    @property
+    def range(self) -> tuple[float, float]:
+        try:
+            lo, hi = (float(v) for v in self.score_range.split(","))
+        except ValueError:
+            raise ValueError(f"score_range must be 'lo,hi' (two numbers), got {self.score_range!r}") from None
+        return lo, hi
+
+    def loop_config(self, steps: int) -> LoopConfig:
+        return LoopConfig(steps=steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                          warmup_steps=min(self.warmup_steps, max(0, steps - 1)), seed=self.seed,
+                          log_every=self.log_every, checkpoint_every=self.checkpoint_every)
+
+
+def _saved_config(cfg: TrainRMConfig) -> dict:
+    """The settings that define a run (a resumed run must match them)."""
+    d = asdict(cfg)
+    for volatile in ("resume", "progress"):
+        d.pop(volatile)
+    return d
+
+
+def save_heads(heads: nn.Module, head_cfg: dict, out_dir: str) -> None:
+    """``heads.safetensors`` (weights) and ``heads.json`` (what rebuilds them), each atomically."""
+    atomic_save_safetensors(os.path.join(out_dir, "heads.safetensors"), heads.state_dict())
+    atomic_write_json(os.path.join(out_dir, "heads.json"), head_cfg)
+
+
+def load_heads(out_dir: str) -> tuple[nn.ModuleDict, dict]:
+    """Rebuild the heads saved by a run: ``(heads, head_config)``."""
+    from safetensors.torch import load_file
+
+    from prefcore.train.rm_methods import build_heads
+
+    with open(os.path.join(out_dir, "heads.json")) as f:
+        head_cfg = json.load(f)
+    heads = build_heads(head_cfg)
+    heads.load_state_dict(load_file(os.path.join(out_dir, "heads.safetensors")))
+    return heads.eval(), head_cfg
+
+
+def format_report(report: dict) -> str:
+    width = max(len(k) for k in report) if report else 0
+    rows = [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in report.items()]
+    return "\n".join(rows)
+
+
+def train_reward_model(cfg: TrainRMConfig, data=None) -> dict:
+    """Train ``cfg.method`` on ``data`` (an :class:`~prefcore.train.rm_data.RMData`; default: loaded
+    from ``cfg.data``) into ``cfg.out``; returns the evaluation report (also written to
+    ``OUT/report.json`` and printed).
+
+    ``OUT`` receives ``config.json``, ``metrics.jsonl``, ``checkpoint.pt`` (atomic, every
+    ``checkpoint_every`` steps and per stage), ``heads.safetensors`` + ``heads.json`` and
+    ``report.json``. With ``cfg.resume`` the run continues from the checkpoint and ends exactly as
+    the uninterrupted run would (same weights, same metrics log, same report)."""
+    from prefcore.train.rm_methods import build_heads, evaluate, head_config, stages
+    from prefcore.train.rm_sources import load_rm_data
+
+    out = cfg.out
+    os.makedirs(out, exist_ok=True)
+    if data is None:
+        data = load_rm_data(cfg)
+    train, test = data.split(cfg.eval_fraction, cfg.seed)
+    hc = head_config(cfg.method, data, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        heads = build_heads(hc)
+
+    config_path = os.path.join(out, "config.json")
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(out)
+        if ckpt is None:
+            raise FileNotFoundError(f"resume: no checkpoint.pt in {out!r} (start without --resume)")
+        with open(config_path) as f:
+            saved = json.load(f)
+        now = _saved_config(cfg)
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            raise ValueError(f"resume: the configuration differs from the checkpointed run in {diff}")
+        heads.load_state_dict(ckpt["module"])
+    else:
+        for stale in ("checkpoint.pt", METRICS, "report.json"):
+            if os.path.exists(os.path.join(out, stale)):
+                os.remove(os.path.join(out, stale))
+        atomic_write_json(config_path, _saved_config(cfg))
+
+    done: list[str] = list(ckpt["done_stages"]) if ckpt else []
+    if ckpt is not None:
+        at_stage, at_step = ckpt["stage"], int(ckpt["step"])
+        MetricsLog(os.path.join(out, METRICS)).truncate_after(
+            lambda rec: rec["stage"] in done or (rec["stage"] == at_stage and rec["step"] <= at_step))
+    for i, stage in enumerate(stages(cfg.method, heads, train, cfg)):
+        if stage.name in done:
+            continue
+        resume_state = ckpt if (ckpt and ckpt["stage"] == stage.name and not ckpt["finished"]) else None
+        run_stage(stage.name, i, heads, stage.params, stage.batch_loss, stage.n_items,
+                  cfg.loop_config(stage.steps), out, done_stages=list(done), resume_state=resume_state,
+                  progress=cfg.progress)
+        done.append(stage.name)
+    save_heads(heads, hc, out)
+    report = {"method": cfg.method, **evaluate(cfg.method, heads, test, cfg)}
+    atomic_write_json(os.path.join(out, "report.json"), report)
+    print(f"prefcore train-rm [{cfg.method}] → {out}\n{format_report(report)}")
+    return report

@@ -1,0 +1,235 @@
+"""The reward-model methods: which heads each builds, the stages that train them, and the
+held-out metrics each reports. Used by :func:`prefcore.train.reward_model.train_reward_model`."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prefcore import distributions as D
+from prefcore import ops
+from prefcore.eval import metrics as M
+from prefcore.losses import bradley_terry_loss, vote_margin
+from prefcore.models import GatingNetwork, GMMHead, MeanVarianceHead, QuantileHead, ScalarHead
+from prefcore.train.rm_data import PairsData, RatingsData, RMData
+
+Batch = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Stage:
+    name: str
+    params: list[nn.Parameter]
+    batch_loss: Batch
+    n_items: int
+    steps: int
+
+
+def _need(part, what: str, method: str):
+    if part is None or len(part) == 0:
+        raise ValueError(f"method {method!r} needs {what} data, but none was given")
+    return part
+
+
+# ---- building heads -------------------------------------------------------------------------
+
+def head_config(method: str, data: RMData, cfg) -> dict:
+    """The JSON-serialisable description from which :func:`build_heads` rebuilds the heads."""
+    hc: dict = {"method": method}
+    if method in ("bt", "bt-margin"):
+        hc["in_features"] = int(_need(data.pairs, "pairs", method).chosen.shape[1])
+    elif method == "qrm":
+        r = _need(data.ratings, "ratings or attributes", method)
+        p = _need(data.pairs, "pairs (with prompt features) for the gating stage", method)
+        if p.prompt is None:
+            raise ValueError("method 'qrm' needs prompt features on its pairs for the gating network")
+        hc.update(in_features=int(r.features.shape[1]), num_attributes=r.num_attributes,
+                  prompt_features=int(p.prompt.shape[1]), non_crossing=bool(cfg.non_crossing),
+                  attribute_names=list(r.attribute_names))
+    else:
+        r = _need(data.ratings, "ratings", method)
+        hc["in_features"] = int(r.features.shape[1])
+        if method == "gmm":
+            hc["k"] = int(cfg.k)
+    return hc
+
+
+def build_heads(hc: dict) -> nn.ModuleDict:
+    method = hc["method"]
+    if method in ("bt", "bt-margin"):
+        return nn.ModuleDict({"scalar": ScalarHead(hc["in_features"])})
+    if method == "qrm":
+        return nn.ModuleDict({
+            "quantile": QuantileHead(hc["in_features"], num_attributes=hc["num_attributes"],
+                                     non_crossing=hc["non_crossing"]),
+            "gate": GatingNetwork(hc["prompt_features"], hc["num_attributes"]),
+        })
+    if method == "gmm":
+        return nn.ModuleDict({"gmm": GMMHead(hc["in_features"], k=hc["k"])})
+    if method == "mean-var":
+        return nn.ModuleDict({"meanvar": MeanVarianceHead(hc["in_features"])})
+    raise ValueError(f"unknown method {method!r}")
+
+
+# ---- losses -----------------------------------------------------------------------------------
+
+def _bt_stage(heads: nn.ModuleDict, pairs: PairsData, method: str, steps: int) -> Stage:
+    head = heads["scalar"]
+    if method == "bt-margin" and pairs.votes is None:
+        raise ValueError("method 'bt-margin' needs pairs with votes")
+
+    def batch(idx):
+        r_c, r_r = head(pairs.chosen[idx]), head(pairs.rejected[idx])
+        margin = None
+        if method == "bt-margin":
+            vm = pairs.vote_mask[idx] if pairs.vote_mask is not None else None
+            margin = vote_margin(pairs.votes[idx], vm)
+        loss = bradley_terry_loss(r_c, r_r, margin=margin)
+        return loss, {"accuracy": float((r_c > r_r).float().mean())}
+    return Stage("bt", list(head.parameters()), batch, len(pairs), steps)
+
+
+def _gaussian_nll(mean: torch.Tensor, log_var: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor
+                  ) -> torch.Tensor:
+    """Per-item mean over valid scores of ``½(log 2π + log σ² + (s − μ)²/σ²)``; items with no score give 0."""
+    m = mask.float()
+    z = (scores - mean[:, None]) ** 2 * torch.exp(-log_var)[:, None]
+    per = 0.5 * (math.log(2 * math.pi) + log_var[:, None] + z)
+    return (per * m).sum(-1) / m.sum(-1).clamp_min(1)
+
+
+def _gmm_target(ratings: RatingsData, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(points, weights) of the gmm_nll target for attribute 0: the raw scores with the mask as
+    weights, or a grid over the score range with a fitted-mixture / KDE density as weights."""
+    scores, mask = ratings.scores[:, 0], ratings.mask[:, 0]
+    if cfg.gmm_target == "scores":
+        return scores, mask.to(scores.dtype)
+    lo, hi = cfg.range
+    grid = torch.linspace(lo, hi, cfg.grid_size, dtype=scores.dtype)
+    if cfg.gmm_target == "histogram":
+        return grid, D.grid_histogram(scores, mask, grid, cfg.bandwidth)
+    fit = D.fit_gmm_em(scores, mask, cfg.k)
+    w = fit.log_prob(grid).softmax(-1)
+    return grid, w
+
+
+def stages(method: str, heads: nn.ModuleDict, train: RMData, cfg) -> list[Stage]:
+    if method in ("bt", "bt-margin"):
+        return [_bt_stage(heads, _need(train.pairs, "pairs", method), method, cfg.steps)]
+    ratings = _need(train.ratings, "ratings", method)
+    if method == "qrm":
+        qh, gate = heads["quantile"], heads["gate"]
+        pairs = _need(train.pairs, "pairs", method)
+
+        def quantile_batch(idx):
+            pred = qh(ratings.features[idx])  # (B, M, Q)
+            return ops.pinball_loss(pred, ratings.scores[idx], qh.taus, ratings.mask[idx]), {}
+
+        def gate_batch(idx):
+            with torch.no_grad():
+                e_c = qh(pairs.chosen[idx]).mean(-1)  # (B, M): E[Q_m] under equal-mass quantiles
+                e_r = qh(pairs.rejected[idx]).mean(-1)
+            g = gate(pairs.prompt[idx])
+            r_c, r_r = (g * e_c).sum(-1), (g * e_r).sum(-1)
+            return bradley_terry_loss(r_c, r_r), {"accuracy": float((r_c > r_r).float().mean())}
+        return [Stage("quantile", list(qh.parameters()), quantile_batch, len(ratings), cfg.steps),
+                Stage("gating", list(gate.parameters()), gate_batch, len(pairs), cfg.gate_steps)]
+    if method == "gmm":
+        head = heads["gmm"]
+        points, weights = _gmm_target(ratings, cfg)
+        shared = points.dim() == 1
+
+        def gmm_batch(idx):
+            p = head(ratings.features[idx])
+            pts = points if shared else points[idx]
+            return ops.gmm_nll(p.logits, p.mu, p.log_sigma, pts, weights[idx]), {}
+        return [Stage("gmm", list(head.parameters()), gmm_batch, len(ratings), cfg.steps)]
+    if method == "mean-var":
+        head = heads["meanvar"]
+        s, m = ratings.scores[:, 0], ratings.mask[:, 0]
+
+        def mv_batch(idx):
+            mean, log_var = head(ratings.features[idx])
+            per = _gaussian_nll(mean, log_var, s[idx], m[idx])
+            has = m[idx].any(-1)
+            return per.sum() / has.sum().clamp_min(1), {}
+        return [Stage("mean-var", list(head.parameters()), mv_batch, len(ratings), cfg.steps)]
+    raise ValueError(f"unknown method {method!r}")
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+def _empirical_variance(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item unbiased variance of valid scores and a (N,) bool of items with ≥ 2 scores."""
+    m = mask.float()
+    n = m.sum(-1)
+    mean = (scores * m).sum(-1) / n.clamp_min(1)
+    var = (((scores - mean[:, None]) ** 2) * m).sum(-1) / (n - 1).clamp_min(1)
+    return var, n >= 2
+
+
+def _risk_summary(dist, cfg) -> dict[str, float]:
+    return {
+        "mean_reward": float(dist.mean().mean()),
+        f"ce_lambda_{cfg.risk_lambda:g}": float(D.certainty_equivalent(dist, cfg.risk_lambda).mean()),
+        f"cvar_{cfg.risk_alpha:g}": float(D.cvar(dist, cfg.risk_alpha).mean()),
+        f"var_{cfg.risk_alpha:g}": float(D.value_at_risk(dist, cfg.risk_alpha).mean()),
+    }
+
+
+@torch.no_grad()
+def evaluate(method: str, heads: nn.ModuleDict, test: RMData, cfg) -> dict[str, float]:
+    """Held-out metrics of the trained heads (names are stable: they go into report.json)."""
+    heads.eval()
+    out: dict[str, float] = {}
+    if method in ("bt", "bt-margin"):
+        p = test.pairs
+        r_c, r_r = heads["scalar"](p.chosen), heads["scalar"](p.rejected)
+        out["pairwise_accuracy"] = float(M.pairwise_accuracy(r_c, r_r))
+        frac = p.vote_fraction()
+        if frac is not None:
+            out["pearson_vote_fraction"] = float(M.pearson(torch.sigmoid(r_c - r_r), frac))
+        out["num_eval_pairs"] = len(p)
+        return out
+    r = test.ratings
+    out["num_eval_items"] = len(r)
+    if method == "qrm":
+        qh = heads["quantile"]
+        pred = qh(r.features)  # (N, M, Q)
+        n, m, q = pred.shape
+        cov = M.quantile_coverage(pred.reshape(n * m, q), qh.taus, r.scores.reshape(n * m, -1),
+                                  r.mask.reshape(n * m, -1))
+        for tau, c in zip(qh.taus.tolist(), cov.tolist()):
+            out[f"coverage_{tau:.2f}"] = c
+        out["coverage_max_abs_error"] = float((cov - qh.taus).abs().max())
+        out["pinball_loss"] = float(ops.pinball_loss(pred, r.scores, qh.taus, r.mask))
+        out.update(_risk_summary(D.QuantileDistribution(pred[:, 0], qh.taus), cfg))
+        if test.pairs is not None and len(test.pairs):
+            p = test.pairs
+            g = heads["gate"](p.prompt)
+            r_c = (g * qh(p.chosen).mean(-1)).sum(-1)
+            r_r = (g * qh(p.rejected).mean(-1)).sum(-1)
+            out["pairwise_accuracy"] = float(M.pairwise_accuracy(r_c, r_r))
+        return out
+    s, mk = r.scores[:, 0], r.mask[:, 0]
+    emp_var, has2 = _empirical_variance(s, mk)
+    if method == "gmm":
+        params = heads["gmm"](r.features)
+        dist = D.GaussianMixture(params.logits, params.mu, params.log_sigma)
+        w = mk.to(s.dtype)
+        out["nll"] = float(ops.gmm_nll(params.logits, params.mu, params.log_sigma, s, w))
+        if r.truth_logits is not None:
+            out["nll_true_mixture"] = float(ops.gmm_nll(r.truth_logits, r.truth_mu, r.truth_log_sigma, s, w))
+        out["crps"] = float(M.crps_gmm(dist, s, mk).mean())
+        out["uce"] = float(M.uce(dist.variance()[has2], emp_var[has2]))
+        out.update(_risk_summary(dist, cfg))
+        return out
+    mean, log_var = heads["meanvar"](r.features)
+    per = _gaussian_nll(mean, log_var, s, mk)
+    out["nll"] = float(per[mk.any(-1)].mean())
+    out["uce"] = float(M.uce(log_var.exp()[has2], emp_var[has2]))
+    out["mean_reward"] = float(mean.mean())
+    return out
