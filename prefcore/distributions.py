@@ -558,18 +558,43 @@ def _scores_and_mask(scores: object, mask: object | None) -> tuple[Tensor, Tenso
     return scores, mask_t
 
 
-def _masked_quantile_init(x: Tensor, valid: Tensor, n_valid: Tensor, k: int) -> Tensor:
-    """Per-row empirical quantiles of the valid entries at levels (2j−1)/(2k), j = 1…k
-    (linear interpolation between order statistics) → ``(R, k)``; 0 for rows without data."""
+def _row_median(x: Tensor, valid: Tensor, n_valid: Tensor) -> Tensor:
+    """Median of each row's valid entries (mean of the two middle order statistics) → ``(R,)``."""
     big = torch.finfo(x.dtype).max
     srt = torch.sort(torch.where(valid, x, torch.full_like(x, big)), dim=-1).values
-    levels = (2 * torch.arange(k, dtype=x.dtype, device=x.device) + 1) / (2 * k)
-    pos = (n_valid.clamp(min=1) - 1).unsqueeze(-1) * levels  # (R, k) fractional order statistic
-    lo = pos.floor().long()
-    hi = (lo + 1).clamp(max=(n_valid.clamp(min=1) - 1).long().unsqueeze(-1))
-    frac = pos - lo
-    q = srt.gather(-1, lo) * (1 - frac) + srt.gather(-1, hi) * frac
-    return torch.where(n_valid.unsqueeze(-1) > 0, q, torch.zeros_like(q))
+    last = (n_valid.clamp(min=1) - 1).long()
+    lo, hi = (last // 2).unsqueeze(-1), ((last + 1) // 2).unsqueeze(-1)
+    return 0.5 * (srt.gather(-1, lo) + srt.gather(-1, hi)).squeeze(-1)
+
+
+def _kmeans_init(x: Tensor, vf: Tensor, cnt: Tensor, k: int, steps: int = 10) -> tuple[Tensor, Tensor, Tensor]:
+    """Deterministic start for EM: farthest-point seeding from the row median, then ``steps``
+    Lloyd (k-means) iterations. Returns centres ``(R, K)``, cluster counts and within-cluster
+    sums of squares (``(R, K)`` each).
+
+    Farthest-point seeding puts one seed in every well-separated cluster whatever the weights
+    (quantile-spread seeds can put two seeds in one heavy cluster, a local optimum EM does not
+    leave). Invalid entries are never chosen and never assigned.
+    """
+    valid = vf > 0
+    centres = [_row_median(x, valid, cnt)]
+    dist = (x - centres[0].unsqueeze(-1)).abs()
+    for _ in range(1, k):
+        idx = torch.where(valid, dist, torch.full_like(dist, -1.0)).argmax(-1, keepdim=True)
+        c = x.gather(-1, idx).squeeze(-1)
+        centres.append(c)
+        dist = torch.minimum(dist, (x - c.unsqueeze(-1)).abs())
+    mu = torch.stack(centres, -1)  # (R, K)
+    for _ in range(steps + 1):
+        d = (x.unsqueeze(1) - mu.unsqueeze(-1)).abs()  # (R, K, N)
+        assign = torch.nn.functional.one_hot(d.argmin(1), k).transpose(1, 2).to(x.dtype) * vf.unsqueeze(1)
+        nk = assign.sum(-1)
+        sums = (assign @ x.unsqueeze(-1)).squeeze(-1)
+        new_mu = torch.where(nk > 0, sums / nk.clamp(min=1.0), mu)
+        if _ < steps:
+            mu = new_mu
+    ss = (assign * (x.unsqueeze(1) - mu.unsqueeze(-1)) ** 2).sum(-1)
+    return mu, nk, ss
 
 
 def fit_gmm_em(
@@ -588,29 +613,32 @@ def fit_gmm_em(
             (they may hold anything, NaN included).
         mask: ``(B, N)`` bool (True = valid) or None (all valid). Each row may have its own count.
         k: number of components, >= 1.
-        iters: maximum number of EM iterations (>= 0).
+        iters: maximum number of EM iterations per row (>= 0).
         var_floor: lower bound on every component variance (squared score units; the default
-            suits scores on [−1, 1], σ >= 0.032), which keeps EM away from the degenerate
+            suits scores on [−1, 1]: σ >= 0.032). It keeps EM away from the degenerate
             zero-variance maxima that tied or few scores create.
-        tol: stop once no row's mean log-likelihood per valid score improved by more than
-            ``tol`` in an iteration (0 → always run ``iters``).
+        tol: a row stops once its mean log-likelihood per valid score changed by at most ``tol``
+            in one iteration (rows stop independently; 0 → every row runs ``iters``).
 
     Returns:
         :class:`GaussianMixture` with parameters ``(B, K)`` in the dtype of ``scores``
         (computed in float32, float64 for float64), components sorted by mean.
 
-    Algorithm (deterministic): means start at the row's empirical quantiles at levels
-    (2j−1)/(2K), variances at the row's variance (floored), weights uniform. E-step
-    :math:`r_{nk} \propto \pi_k\mathcal{N}(x_n|\mu_k,\sigma_k^2)` over valid n; M-step
-    :math:`\pi_k = N_k/N_{valid}`, :math:`\mu_k = \sum_n r_{nk}x_n/N_k`,
-    :math:`\sigma_k^2 = \max(\sum_n r_{nk}(x_n-\mu_k)^2/N_k, \text{var\_floor})`. A component whose
-    responsibility mass vanishes (:math:`N_k` < 1e-8) keeps its previous mean and variance.
-    Log-weights are clamped at log(1e-30) so that they stay finite.
+    Algorithm (deterministic, no random restarts):
 
-    Edge cases (finite output, never NaN): fewer valid scores than components → components
-    share the scores (tied values give identical components with σ² = var_floor); a row with
-    **zero** valid scores gets uniform weights, μ = 0 and σ = 1 (a standard normal; the caller can
-    tell such rows by ``mask.any(-1)``).
+    1. Start: farthest-point seeding from the row median, then 10 k-means (Lloyd) steps; the
+       clusters give the initial means, variances (floored; the row variance for a cluster
+       with fewer than 2 scores) and weights (cluster sizes, at least one score each).
+    2. EM: E-step :math:`r_{nk} \propto \pi_k\mathcal{N}(x_n|\mu_k,\sigma_k^2)` over valid n;
+       M-step :math:`\pi_k = N_k/N_{valid}`, :math:`\mu_k = \sum_n r_{nk}x_n/N_k`,
+       :math:`\sigma_k^2 = \max(\sum_n r_{nk}(x_n-\mu_k)^2/N_k,\ \text{var\_floor})`. A component
+       whose responsibility mass vanishes (:math:`N_k` < 1e-8) keeps its mean and variance;
+       log-weights are clamped at log(1e-30) so that they stay finite.
+
+    Edge cases (finite output, never NaN): fewer valid scores (or distinct values) than
+    components → several components sit on the same scores (tied values give σ² = var_floor);
+    a row with **zero** valid scores gets uniform weights, μ = 0 and σ = 1 (a standard normal;
+    the caller can tell such rows by ``mask.any(-1)``).
     """
     scores, mask = _scores_and_mask(scores, mask)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -630,35 +658,50 @@ def fit_gmm_em(
     n_valid = vf.sum(-1)  # (R,)
     has = n_valid > 0
     cnt = n_valid.clamp(min=1.0)
-
     row_mean = (x * vf).sum(-1) / cnt
     row_var = (((x - row_mean.unsqueeze(-1)) ** 2) * vf).sum(-1) / cnt
-    mu = _masked_quantile_init(x, valid, n_valid, k)  # (R, K)
-    var = row_var.clamp(min=var_floor).unsqueeze(-1).expand_as(mu).clone()
-    log_w = torch.full_like(mu, -math.log(k))
-    log_w_floor = math.log(1e-30)
 
-    prev_ll: Tensor | None = None
+    mu, nk0, ss0 = _kmeans_init(x, vf, n_valid, k)
+    var = torch.where(nk0 >= 2, ss0 / nk0.clamp(min=1.0), row_var.unsqueeze(-1)).clamp(min=var_floor)
+    w0 = nk0.clamp(min=1.0)
+    log_w = torch.log(w0 / w0.sum(-1, keepdim=True))
+
+    log_w_floor = math.log(1e-30)
+    prev_ll = torch.full_like(n_valid, -math.inf)
+    rows = torch.arange(x.shape[0], device=x.device)  # the rows still iterating
     for _ in range(iters):
-        # E-step: (R, N, K) log joint, normalised over components.
-        log_joint = (log_w.unsqueeze(1) - 0.5 * torch.log(var).unsqueeze(1) - _LOG_SQRT_2PI
-                     - 0.5 * (x.unsqueeze(-1) - mu.unsqueeze(1)) ** 2 / var.unsqueeze(1))
-        log_px = torch.logsumexp(log_joint, dim=-1)  # (R, N)
-        resp = torch.exp(log_joint - log_px.unsqueeze(-1)) * vf.unsqueeze(-1)
-        ll = (log_px * vf).sum(-1) / cnt  # mean log-likelihood per valid score, at the current parameters
-        # M-step.
-        nk = resp.sum(1)  # (R, K)
+        if rows.numel() == 0:
+            break
+        full = rows.numel() == x.shape[0]
+        xs, vs, cs = (x, vf, cnt) if full else (x[rows], vf[rows], cnt[rows])
+        m_, v_, lw_ = (mu, var, log_w) if full else (mu[rows], var[rows], log_w[rows])
+        # E-step in (R, K, N) layout: reductions over N are contiguous.
+        inv_s = torch.rsqrt(v_)
+        z = (xs.unsqueeze(1) - m_.unsqueeze(-1)) * inv_s.unsqueeze(-1)
+        zz = z * z
+        lj = (lw_ + 0.5 * torch.log(inv_s * inv_s) - _LOG_SQRT_2PI).unsqueeze(-1) - 0.5 * zz
+        top = lj.amax(1, keepdim=True)
+        e = torch.exp(lj - top)
+        tot = e.sum(1, keepdim=True)
+        resp = e * (vs.unsqueeze(1) / tot)
+        ll = ((top.squeeze(1) + torch.log(tot.squeeze(1))) * vs).sum(-1) / cs  # at the current parameters
+        # M-step. Σ r (x − μ_new)² = σ_old² Σ r z² − N_k (μ_new − μ_old)² (shift identity, reuses z).
+        nk = resp.sum(-1)
         alive = nk > 1e-8
         nk_safe = torch.where(alive, nk, torch.ones_like(nk))
-        mu_new = (resp * x.unsqueeze(-1)).sum(1) / nk_safe
-        mu_new = torch.where(alive, mu_new, mu)
-        var_new = (resp * (x.unsqueeze(-1) - mu_new.unsqueeze(1)) ** 2).sum(1) / nk_safe
-        var = torch.where(alive, var_new, var).clamp(min=var_floor)
-        mu = mu_new
-        log_w = torch.where(has.unsqueeze(-1), torch.log(nk / cnt.unsqueeze(-1)).clamp(min=log_w_floor), log_w)
-        if tol > 0 and prev_ll is not None and not bool(((ll - prev_ll).abs() > tol).any()):
-            break
-        prev_ll = ll
+        mu_new = torch.where(alive, (resp @ xs.unsqueeze(-1)).squeeze(-1) / nk_safe, m_)
+        shift = mu_new - m_
+        var_new = (resp * zz).sum(-1) * v_ / nk_safe - shift * shift
+        var_new = torch.where(alive, var_new, v_).clamp(min=var_floor)
+        lw_new = torch.log(nk / cs.unsqueeze(-1)).clamp(min=log_w_floor)
+        if full:
+            mu, var, log_w = mu_new, var_new, lw_new
+        else:
+            mu, var, log_w = mu.index_copy(0, rows, mu_new), var.index_copy(0, rows, var_new), log_w.index_copy(0, rows, lw_new)
+        if tol > 0:
+            done = (ll - prev_ll[rows]).abs() <= tol
+            prev_ll = prev_ll.index_copy(0, rows, ll)
+            rows = rows[~done]
 
     empty = ~has.unsqueeze(-1)
     mu = torch.where(empty, torch.zeros_like(mu), mu)
