@@ -59,10 +59,21 @@ __all__ = [
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_HALF = math.sqrt(0.5)
 _BISECTION_STEPS = 64  # halves the exact bracket 64 times: below the float64 resolution
 
 
 # ---- small shared helpers -----------------------------------------------------------------
+
+
+def ndtr(x: Tensor) -> Tensor:
+    """Standard normal CDF Φ(x) = erfc(−x/√2)/2, with full relative precision in the lower tail.
+
+    Used instead of ``torch.special.ndtr``, which (torch 2.13, CPU) loses relative precision
+    below about −5 and returns 0 from about −8.5 on (Φ(−9) ≈ 1.1e-19 is representable).
+    """
+    return 0.5 * torch.special.erfc(x * -_SQRT_HALF)
+
 
 
 def _check_levels(levels: object, name: str, *, device: torch.device) -> Tensor:
@@ -398,7 +409,7 @@ class GaussianMixture:
         r"""CDF at ``x (..., G)`` or ``(G,)`` → ``(..., G)``: :math:`\sum_k \pi_k \Phi((x-\mu_k)/\sigma_k)`."""
         x = _check_points(x, "x", device=self.logits.device)
         w, m, s, xb = self._component_grid(x)
-        return self._out((w * torch.special.ndtr((xb - m) / s)).sum(-1))
+        return self._out((w * ndtr((xb - m) / s)).sum(-1))
 
     def quantile(self, levels: Tensor) -> Tensor:
         r"""Quantiles at ``levels (..., L)`` or ``(L,)`` in [0, 1] → ``(..., L)``, by batched bisection.
@@ -423,8 +434,8 @@ class GaussianMixture:
         for _ in range(_BISECTION_STEPS):
             mid = 0.5 * (lo + hi)
             t = (mid.unsqueeze(-1) - m) / s
-            lower_tail = (w * torch.special.ndtr(t)).sum(-1)
-            upper_tail = (w * torch.special.ndtr(-t)).sum(-1)
+            lower_tail = (w * ndtr(t)).sum(-1)
+            upper_tail = (w * ndtr(-t)).sum(-1)
             go_right = torch.where(upper, upper_tail > target, lower_tail < target)  # F(mid) < level
             lo = torch.where(go_right, mid, lo)
             hi = torch.where(go_right, hi, mid)
@@ -537,7 +548,7 @@ def cvar(dist: Distribution, alpha: float) -> Tensor:
     _, w, mu, sigma = dist._params()
     q = value_at_risk(dist, a).to(mu.dtype).unsqueeze(-1)
     z = (q - mu) / sigma
-    tail = w * (mu * torch.special.ndtr(z) - sigma * _INV_SQRT_2PI * torch.exp(-0.5 * z * z))
+    tail = w * (mu * ndtr(z) - sigma * _INV_SQRT_2PI * torch.exp(-0.5 * z * z))
     return dist._out(tail.sum(-1) / a)
 
 
@@ -652,8 +663,9 @@ def fit_gmm_em(
 
     acc = opmath_dtype(scores.dtype)
     lead, n = scores.shape[:-1], scores.shape[-1]
-    valid = mask.reshape(-1, n)
-    x = torch.where(valid, scores.reshape(-1, n).to(acc), torch.zeros((), dtype=acc, device=scores.device))
+    r = math.prod(lead)
+    valid = mask.reshape(r, n)
+    x = torch.where(valid, scores.reshape(r, n).to(acc), torch.zeros((), dtype=acc, device=scores.device))
     vf = valid.to(acc)
     n_valid = vf.sum(-1)  # (R,)
     has = n_valid > 0
@@ -661,6 +673,9 @@ def fit_gmm_em(
     row_mean = (x * vf).sum(-1) / cnt
     row_var = (((x - row_mean.unsqueeze(-1)) ** 2) * vf).sum(-1) / cnt
 
+    if n == 0:  # no scores at all: every row is empty (standard normal, see above)
+        z = torch.zeros(*lead, k, dtype=scores.dtype, device=scores.device)
+        return GaussianMixture(logits=z, mu=z.clone(), log_sigma=z.clone())
     mu, nk0, ss0 = _kmeans_init(x, vf, n_valid, k)
     var = torch.where(nk0 >= 2, ss0 / nk0.clamp(min=1.0), row_var.unsqueeze(-1)).clamp(min=var_floor)
     w0 = nk0.clamp(min=1.0)

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from prefcore.distributions import Distribution, GaussianMixture, QuantileDistribution
+from prefcore.distributions import Distribution, GaussianMixture, QuantileDistribution, ndtr
 from prefcore.ops._checks import (
     opmath_dtype,
     require_bool,
@@ -216,7 +216,7 @@ def _a_fn(mu: Tensor, sigma: Tensor) -> Tensor:
     r""":math:`A(\mu, \sigma) = \mathbb{E}|X|` for :math:`X \sim \mathcal{N}(\mu, \sigma^2)`:
     :math:`\mu(2\Phi(\mu/\sigma) - 1) + 2\sigma\varphi(\mu/\sigma)`."""
     z = mu / sigma
-    return mu * (2.0 * torch.special.ndtr(z) - 1.0) + 2.0 * sigma * _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
+    return mu * (2.0 * ndtr(z) - 1.0) + 2.0 * sigma * _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
 
 
 def crps_gmm(dist: GaussianMixture, targets: Tensor, mask: Tensor | None = None, *,
