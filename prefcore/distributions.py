@@ -418,28 +418,39 @@ class GaussianMixture:
         :math:`\mu_k + \sigma_k\Phi^{-1}(\ell)` (at the smallest every component CDF is ≤ ℓ, at the
         largest ≥ ℓ), so that exact bracket is halved 64 times. Levels above 1/2 compare survival
         functions, so upper-tail levels keep full relative precision. Level 0 → −inf, 1 → +inf.
+        Differentiable w.r.t. the parameters by the implicit-function theorem,
+        :math:`\partial q/\partial\theta = -(\partial F/\partial\theta)(q)/p(q)`.
         """
         levels = _check_levels(levels, "levels", device=self.logits.device)
         acc = opmath_dtype(self.logits.dtype)
         lv = levels.to(acc)
-        w, m, s, lvb = self._component_grid(lv)  # (*lead, 1, K), (*lead, L, 1)
+        w_g, m_g, s_g, lvb = self._component_grid(lv)  # (*lead, 1, K), (*lead, L, 1)
         lvb = lvb.squeeze(-1)
-        z = torch.special.ndtri(lvb.clamp(min=torch.finfo(acc).tiny, max=1.0)).unsqueeze(-1)
-        interior = (lvb > 0) & (lvb < 1)
-        zs = torch.where(interior.unsqueeze(-1), z, torch.zeros_like(z))  # finite bracket everywhere
-        comp_q = m + s * zs
-        lo, hi = comp_q.amin(-1), comp_q.amax(-1)
-        upper = lvb > 0.5
-        target = torch.where(upper, 1.0 - lvb, lvb)
-        for _ in range(_BISECTION_STEPS):
-            mid = 0.5 * (lo + hi)
-            t = (mid.unsqueeze(-1) - m) / s
-            lower_tail = (w * ndtr(t)).sum(-1)
-            upper_tail = (w * ndtr(-t)).sum(-1)
-            go_right = torch.where(upper, upper_tail > target, lower_tail < target)  # F(mid) < level
-            lo = torch.where(go_right, mid, lo)
-            hi = torch.where(go_right, hi, mid)
-        q = 0.5 * (lo + hi)
+        with torch.no_grad():
+            w, m, s = w_g.detach(), m_g.detach(), s_g.detach()
+            z = torch.special.ndtri(lvb.clamp(min=torch.finfo(acc).tiny, max=1.0)).unsqueeze(-1)
+            interior = (lvb > 0) & (lvb < 1)
+            zs = torch.where(interior.unsqueeze(-1), z, torch.zeros_like(z))  # finite bracket everywhere
+            comp_q = m + s * zs
+            lo, hi = comp_q.amin(-1), comp_q.amax(-1)
+            upper = lvb > 0.5
+            target = torch.where(upper, 1.0 - lvb, lvb)
+            for _ in range(_BISECTION_STEPS):
+                mid = 0.5 * (lo + hi)
+                t = (mid.unsqueeze(-1) - m) / s
+                lower_tail = (w * ndtr(t)).sum(-1)
+                upper_tail = (w * ndtr(-t)).sum(-1)
+                go_right = torch.where(upper, upper_tail > target, lower_tail < target)  # F(mid) < level
+                lo = torch.where(go_right, mid, lo)
+                hi = torch.where(go_right, hi, mid)
+            q = 0.5 * (lo + hi)
+        if torch.is_grad_enabled() and (self.logits.requires_grad or self.mu.requires_grad or self.log_sigma.requires_grad):
+            # Implicit-function gradient, dq/dθ = −(∂F/∂θ)(q) / p(q): the value stays q exactly
+            # (F − F.detach() is 0), and the bisection's branch choices carry no gradient.
+            t = (q.unsqueeze(-1) - m_g) / s_g
+            f = (w_g * ndtr(t)).sum(-1)
+            dens = (w * _INV_SQRT_2PI * torch.exp(-0.5 * t.detach() ** 2) / s).sum(-1).clamp(min=torch.finfo(acc).tiny)
+            q = q - (f - f.detach()) / dens
         q = torch.where(lvb <= 0, torch.full_like(q, -math.inf), q)
         q = torch.where(lvb >= 1, torch.full_like(q, math.inf), q)
         return self._out(q)
@@ -527,7 +538,7 @@ def value_at_risk(dist: Distribution, alpha: float) -> Tensor:
     dist = _require_dist(dist)
     a = _check_alpha(alpha)
     dev = dist.values.device if isinstance(dist, QuantileDistribution) else dist.logits.device
-    levels = torch.full((1,), a, dtype=torch.float64, device=dev)
+    levels = torch.full((1,), a, dtype=opmath_dtype(_param_dtype(dist)), device=dev)
     return dist.quantile(levels).squeeze(-1)
 
 
@@ -596,14 +607,12 @@ def _kmeans_init(x: Tensor, vf: Tensor, cnt: Tensor, k: int, steps: int = 10) ->
         centres.append(c)
         dist = torch.minimum(dist, (x - c.unsqueeze(-1)).abs())
     mu = torch.stack(centres, -1)  # (R, K)
-    for _ in range(steps + 1):
+    for _ in range(steps):
         d = (x.unsqueeze(1) - mu.unsqueeze(-1)).abs()  # (R, K, N)
         assign = torch.nn.functional.one_hot(d.argmin(1), k).transpose(1, 2).to(x.dtype) * vf.unsqueeze(1)
         nk = assign.sum(-1)
         sums = (assign @ x.unsqueeze(-1)).squeeze(-1)
-        new_mu = torch.where(nk > 0, sums / nk.clamp(min=1.0), mu)
-        if _ < steps:
-            mu = new_mu
+        mu = torch.where(nk > 0, sums / nk.clamp(min=1.0), mu)  # an empty cluster keeps its seed
     ss = (assign * (x.unsqueeze(1) - mu.unsqueeze(-1)) ** 2).sum(-1)
     return mu, nk, ss
 
@@ -743,7 +752,8 @@ def grid_histogram(scores: Tensor, mask: Tensor | None, grid: Tensor, bandwidth:
     nearest grid points) instead of 0/0. A row with **no valid score** is uniform (1/G).
 
     Args: ``scores (B, N)`` floating; ``mask (B, N)`` bool or None; ``grid (G,)`` floating,
-    G >= 1 (any order); ``bandwidth`` > 0. Output dtype: that of ``scores``.
+    G >= 1 (any order); ``bandwidth`` > 0. Output dtype: that of ``scores``. Rows are processed
+    in chunks, so the temporary kernel matrix stays near 2^22 elements whatever B is.
     """
     scores, mask = _scores_and_mask(scores, mask)
     grid = require_floating(grid, "grid")
@@ -754,13 +764,22 @@ def grid_histogram(scores: Tensor, mask: Tensor | None, grid: Tensor, bandwidth:
     if h <= 0:
         raise ValueError(f"bandwidth must be > 0, got {h}")
     acc = opmath_dtype(scores.dtype)
-    x = torch.where(mask, scores.to(acc), torch.zeros((), dtype=acc, device=scores.device))
-    z = (grid.to(acc).unsqueeze(-1) - x.unsqueeze(-2)) / h  # (..., G, N)
-    log_k = torch.where(mask.unsqueeze(-2), -0.5 * z * z, torch.full_like(z, -math.inf))
-    log_dens = torch.logsumexp(log_k, dim=-1)  # (..., G); -inf everywhere for an empty row
-    has = mask.any(-1, keepdim=True)
-    log_dens = torch.where(has, log_dens, torch.zeros_like(log_dens))
-    return torch.softmax(log_dens, dim=-1).to(scores.dtype)
+    lead, n, gsize = scores.shape[:-1], scores.shape[-1], grid.shape[0]
+    rows = math.prod(lead)
+    x = torch.where(mask, scores.to(acc), torch.zeros((), dtype=acc, device=scores.device)).reshape(rows, n)
+    m = mask.reshape(rows, n)
+    g = grid.to(acc)
+    out = torch.empty(rows, gsize, dtype=acc, device=scores.device)
+    # Rows in chunks so the (rows, G, N) kernel matrix stays near 2^22 elements (16 MiB in fp32).
+    step = max(1, (1 << 22) // max(1, gsize * n))
+    for r0 in range(0, rows, step):
+        xs, ms = x[r0:r0 + step], m[r0:r0 + step]
+        z = (g.unsqueeze(-1) - xs.unsqueeze(-2)) / h  # (r, G, N)
+        log_k = torch.where(ms.unsqueeze(-2), -0.5 * z * z, torch.full_like(z, -math.inf))
+        log_dens = torch.logsumexp(log_k, dim=-1)  # (r, G); -inf everywhere for an empty row
+        log_dens = torch.where(ms.any(-1, keepdim=True), log_dens, torch.zeros_like(log_dens))
+        out[r0:r0 + step] = torch.softmax(log_dens, dim=-1)
+    return out.reshape(*lead, gsize).to(scores.dtype)
 
 
 def grid_probabilities(dist: Distribution, grid: Tensor) -> Tensor:
@@ -778,15 +797,15 @@ def grid_probabilities(dist: Distribution, grid: Tensor) -> Tensor:
         raise ValueError(f"grid must have shape (G,) with G >= 1, got {shape_str(grid.shape)}")
     dev = dist.values.device if isinstance(dist, QuantileDistribution) else dist.logits.device
     require_same_device("distribution", torch.empty(0, device=dev), grid=grid)
-    g = grid.to(torch.float64)
-    if grid.shape[0] > 1 and not bool((g[1:] > g[:-1]).all()):
+    if grid.shape[0] > 1 and not bool((grid[1:] > grid[:-1]).all()):
         raise ValueError("grid must be strictly increasing")
-    edges = 0.5 * (g[1:] + g[:-1])
     batch = dist.batch_shape
-    if edges.numel() == 0:
+    if grid.shape[0] == 1:
         return torch.ones(*batch, 1, dtype=_param_dtype(dist), device=dev)
-    acc = torch.float64 if _param_dtype(dist) == torch.float64 else torch.float32
-    f = dist.cdf(edges.to(acc)).to(acc)  # (..., G-1)
+    acc = opmath_dtype(_param_dtype(dist))
+    g = grid.to(acc)
+    edges = 0.5 * (g[1:] + g[:-1])
+    f = dist.cdf(edges).to(acc)  # (..., G-1)
     zeros = torch.zeros(*f.shape[:-1], 1, dtype=acc, device=dev)
     ones = torch.ones_like(zeros)
     cdf = torch.cat([zeros, f, ones], dim=-1)

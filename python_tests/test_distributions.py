@@ -401,12 +401,12 @@ def test_fit_gmm_em_beats_the_true_parameters_on_overlapping_mixtures():
     # and larger ones). Allow 2% of items to land in a worse local optimum.
     g = torch.Generator().manual_seed(12)
     for n in (10, 60):
-        b, k = 400, 3
+        b, k = 300, 3
         mu = torch.tensor([-0.5, 0.0, 0.5], dtype=F64) + 0.2 * (torch.rand(b, k, generator=g, dtype=F64) - 0.5)
         sig = 0.1 + 0.15 * torch.rand(b, k, generator=g, dtype=F64)
         w = torch.softmax(torch.randn(b, k, generator=g, dtype=F64), -1)
         x, _ = _mixture_scores(b, n, mu, sig, w, g)
-        fit = fit_gmm_em(x, None, k, iters=300, var_floor=1e-4, tol=1e-10)
+        fit = fit_gmm_em(x, None, k, var_floor=1e-4)  # default iters and tol
         truth = GaussianMixture(w.log(), mu, sig.log())
         ll_fit = fit.log_prob(x).sum(-1)
         ll_true = truth.log_prob(x).sum(-1)
@@ -538,6 +538,42 @@ def test_grid_probabilities_are_cdf_differences():
         np.testing.assert_allclose(pq[r].numpy(), np.diff(cdf), atol=1e-14)
     torch.testing.assert_close(pq.sum(-1), torch.ones(2, dtype=F64))
     assert torch.equal(grid_probabilities(d, grid[:1]), torch.ones(3, 1, dtype=F64))
+
+
+# ---- gradients ----------------------------------------------------------------------------
+
+
+def test_gmm_functionals_have_correct_gradients():
+    # fp64 gradcheck (finite differences) w.r.t. all three parameter tensors; the quantile's
+    # gradient comes from the implicit-function theorem, not from the bisection's branches.
+    d = random_gmm((3,), 3, seed=21)
+    params = tuple(t.clone().requires_grad_() for t in (d.logits, d.mu, d.log_sigma))
+    levels = torch.tensor([0.05, 0.5, 0.97], dtype=F64)
+    fns = [
+        lambda lg, mu, ls: GaussianMixture(lg, mu, ls).quantile(levels),
+        lambda lg, mu, ls: certainty_equivalent(GaussianMixture(lg, mu, ls), 1.7),
+        lambda lg, mu, ls: cvar(GaussianMixture(lg, mu, ls), 0.1),
+        lambda lg, mu, ls: mean_variance(GaussianMixture(lg, mu, ls), 0.5),
+        lambda lg, mu, ls: GaussianMixture(lg, mu, ls).cdf(levels * 2 - 1),
+    ]
+    for fn in fns:
+        assert torch.autograd.gradcheck(fn, params, eps=1e-6, atol=1e-7)
+    # and the quantile's value is unchanged when gradients are tracked
+    assert torch.equal(GaussianMixture(*params).quantile(levels).detach(), d.quantile(levels))
+
+
+def test_quantile_set_functionals_have_correct_gradients():
+    v = torch.sort(torch.randn(3, 7, dtype=F64), -1).values.requires_grad_()
+    taus = torch.tensor([0.05, 0.1, 0.3, 0.5, 0.55, 0.8, 0.97], dtype=F64)
+    fns = [
+        lambda x: QuantileDistribution(x, taus).mean(),
+        lambda x: QuantileDistribution(x, taus).variance(),
+        lambda x: certainty_equivalent(QuantileDistribution(x, taus), -0.8),
+        lambda x: cvar(QuantileDistribution(x, taus), 0.2),
+        lambda x: QuantileDistribution(x, taus).quantile(torch.tensor([0.01, 0.42], dtype=F64)),
+    ]
+    for fn in fns:
+        assert torch.autograd.gradcheck(fn, (v,), eps=1e-6, atol=1e-7)
 
 
 # ---- devices ------------------------------------------------------------------------------
