@@ -75,7 +75,6 @@ def ndtr(x: Tensor) -> Tensor:
     return 0.5 * torch.special.erfc(x * -_SQRT_HALF)
 
 
-
 def _check_levels(levels: object, name: str, *, device: torch.device) -> Tensor:
     """A floating tensor of probability levels with at least one dimension, values in [0, 1]."""
     t = require_floating(levels, name)
@@ -234,12 +233,10 @@ class QuantileDistribution:
 
     def mean(self) -> Tensor:
         r"""``(...,)``: :math:`\int_0^1 \mathcal{Q}(u)\,du = \sum_j \Delta u_j (k_j + k_{j+1})/2`."""
-        u, k = self._knots()
-        du = u[1:] - u[:-1]
-        return self._out((du * (k[..., 1:] + k[..., :-1])).sum(-1) / 2)
+        return self._out(self._mean_acc(*self._knots()))
 
     def _mean_acc(self, u: Tensor, k: Tensor) -> Tensor:
-        return (((u[1:] - u[:-1]) * (k[..., 1:] + k[..., :-1])).sum(-1) / 2)
+        return ((u[1:] - u[:-1]) * (k[..., 1:] + k[..., :-1])).sum(-1) / 2
 
     def variance(self) -> Tensor:
         r"""``(...,)``: :math:`\int_0^1 (\mathcal{Q}(u) - m)^2 du = \sum_j \Delta u_j (a_j^2 + a_j b_j + b_j^2)/3`

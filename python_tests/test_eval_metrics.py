@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import integrate, special, stats
+from scipy import integrate, stats
 
 import prefcore  # noqa: F401
 from prefcore.distributions import GaussianMixture, QuantileDistribution, grid_histogram, grid_probabilities

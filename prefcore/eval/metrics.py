@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 REDUCTIONS = ("none", "mean")
-_INV_SQRT_PI = 1.0 / math.sqrt(math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
@@ -372,7 +371,7 @@ def pmr(model_scores: Tensor, ref_scores: Tensor, model_mask: Tensor | None = No
 
     Per item b the evaluators' verdict is read from their scores of the two outputs: the model's
     output is preferred when the mean of its valid scores exceeds the mean for the reference
-    output, a tie counts ``tie`` (default ½):
+    output, an exact tie of the two means counts ``tie`` (default ½):
     :math:`\mathrm{PMR} = \frac1{|I|}\sum_{b\in I}\big(1[\bar y^{model}_b > \bar y^{ref}_b] + \text{tie}\cdot 1[\bar y^{model}_b = \bar y^{ref}_b]\big)`,
     I = items where both outputs have at least one valid score. ``model_scores``,
     ``ref_scores``: ``(B,)`` or ``(B, N)`` / ``(B, N')`` (the two panels may differ), masks
@@ -380,9 +379,9 @@ def pmr(model_scores: Tensor, ref_scores: Tensor, model_mask: Tensor | None = No
     """
     a = require_floating(model_scores, "model_scores")
     b = require_floating(ref_scores, "ref_scores")
-    if a.dim() < 1 or b.dim() < 1:
-        raise ValueError(f"model_scores and ref_scores must have shape (B,) or (B, N), got {shape_str(a.shape)} and {shape_str(b.shape)}")
-    if a.shape[0] != b.shape[0] or a.dim() > 2 or b.dim() > 2:
+    if a.dim() not in (1, 2):
+        raise ValueError(f"model_scores must have shape (B,) or (B, N), got {shape_str(a.shape)}")
+    if b.dim() not in (1, 2) or a.shape[0] != b.shape[0]:
         raise ValueError(f"ref_scores must have shape (B,) or (B, N) with B = {a.shape[0]} like model_scores {shape_str(a.shape)}, got {shape_str(b.shape)}")
     tie = require_finite_float(tie, "tie", min_value=0.0)
     if tie > 1:
