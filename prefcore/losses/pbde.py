@@ -70,7 +70,7 @@ def pbde_loss(
     out_dtype = torch.promote_types(logp_chosen.dtype, logp_rejected.dtype)
     acc = compute_dtype(out_dtype)
     z = _omega(logp_chosen, f_c, g_c, acc) - _omega(logp_rejected, f_r, g_r, acc)
-    return reduce_pairs(F.softplus(-z), reduction, out_dtype)
+    return reduce_pairs(-F.logsigmoid(z), reduction, out_dtype)  # exact, unlike softplus's threshold
 
 
 def luce_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
