@@ -170,6 +170,9 @@ class MixturePairs(NamedTuple):
 
 def _uniform_pairs(n: int, low: float, high: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.rand(2, n, generator=generator, dtype=torch.float64) * (high - low) + low
+    # Round to the float32 that is returned first, so the probabilities (computed in float64)
+    # are exactly those of the returned points.
+    x = x.float().clamp(low, high).double()
     return x[0], x[1]
 
 
@@ -381,7 +384,7 @@ class RatingsWorld:
       (``attribute_names``), same mask.
     - ``annotator_ids (B, N)`` int64 (−1 where masked) into the pool; ``annotator_types (B, N)``
       int64 type index (−1 where masked); ``pool_types (P,)`` the type of each pool member.
-    - ``type_names``, ``type_proportions (T,)`` (exact shares of the pool).
+    - ``type_names``, ``type_proportions (T,)`` float64 (exact shares of the pool, sum to 1).
     - ``contentious (B,)`` bool: responses in the contentious region (κ(z) > 0.5, i.e. z_2 > 1).
 
     Ground truth (float64): :meth:`true_score_mixture`, :meth:`true_cdf`, :meth:`true_mean`,
@@ -553,7 +556,7 @@ def make_ratings_world(
         annotator_types=torch.where(mask, who_type, torch.full_like(who_type, -1)),
         pool_types=pool_types,
         type_names=tuple(t.name for t in types),
-        type_proportions=(counts.double() / cfg.pool_size).float(),
+        type_proportions=counts.double() / cfg.pool_size,
         attribute_names=attribute_names,
         types=types,
     )
