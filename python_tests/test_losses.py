@@ -28,6 +28,7 @@ from prefcore.losses import (
     vote_margin,
     weighted_bradley_terry_loss,
 )
+from python_tests.helpers import DEVICES
 
 DTYPE_TOL = {
     torch.float64: dict(rtol=1e-12, atol=1e-12),
@@ -490,3 +491,41 @@ def test_mixture_module_bad_construction_and_reward_shape():
     wrong = LatentAnnotatorMixture(nn.Linear(1, 3), 2)
     with pytest.raises(ValueError, match=r"reward_model must return rewards of shape \(B, K\) = \(4, 2\), got \(4, 3\)"):
         wrong.nll(torch.zeros(4, 1), torch.zeros(4, 1), torch.ones(4))
+
+
+# ---- devices -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_losses_on_device_match_cpu(device):
+    rc, rr = _pair((33,))
+    votes = torch.rand(33, 10, generator=torch.Generator().manual_seed(0)) > 0.5
+    m = vote_margin(votes.to(device))
+    assert m.device.type == torch.device(device).type
+    torch.testing.assert_close(m.cpu(), vote_margin(votes))
+    dev = lambda t: t.to(device)  # noqa: E731
+    torch.testing.assert_close(bradley_terry_loss(dev(rc), dev(rr), m.double()).cpu(), bradley_terry_loss(rc, rr, m.cpu().double()))
+    lens = torch.randint(1, 9, (33,))
+    torch.testing.assert_close(length_normalized_luce_loss(dev(rc), dev(rr), dev(lens), dev(lens + 1)).cpu(),
+                               length_normalized_luce_loss(rc, rr, lens, lens + 1))
+    torch.testing.assert_close(dpo_loss(dev(rc), dev(rr), dev(rr), dev(rc), 0.5).cpu(), dpo_loss(rc, rr, rr, rc, 0.5))
+    ra, rb, labels, log_w = _mixture_inputs()
+    torch.testing.assert_close(latent_mixture_nll(dev(ra), dev(rb), dev(labels), dev(log_w)).cpu(),
+                               latent_mixture_nll(ra, rb, labels, log_w))
+    # The module and its EM step run where the reward model lives.
+    torch.manual_seed(0)
+    mix = LatentAnnotatorMixture(nn.Linear(2, 2), 2).to(device)
+    xa, xb = torch.randn(64, 2, device=device), torch.randn(64, 2, device=device)
+    y = (torch.rand(64) > 0.5).to(device)
+    opt = torch.optim.SGD(mix.parameters(), lr=0.1)
+    nll = mix.em_step(xa, xb, y, opt, m_steps=3, batch_size=16, generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(nll) and mix.weights.device.type == torch.device(device).type
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_mismatch_is_a_clear_error(device):
+    if device == "cpu":
+        other = torch.zeros(3, device="meta")
+    else:
+        other = torch.zeros(3)
+    with pytest.raises(ValueError, match="margin must be on the same device as r_chosen"):
+        bradley_terry_loss(torch.zeros(3, device=device), torch.zeros(3, device=device), other)

@@ -178,6 +178,15 @@ def test_ratings_are_type_mean_plus_gaussian_noise(big_world):
         assert stats.kstest(z.numpy(), "norm").pvalue > 1e-3
 
 
+def test_gmm_params_are_the_mixture_in_logit_form():
+    w = S.make_ratings_world(gen(8), S.RatingsWorldConfig(num_items=6))
+    mix = w.true_score_mixture("safety")
+    logits, mu, log_sigma = mix.gmm_params()
+    torch.testing.assert_close(torch.softmax(logits, -1), mix.weights)
+    torch.testing.assert_close(log_sigma.exp(), mix.stds)
+    assert torch.equal(mu, mix.means) and mu.shape == (6, 3)
+
+
 def test_true_quantile_and_mean_match_scipy():
     w = S.make_ratings_world(gen(9), S.RatingsWorldConfig(num_items=12))
     mix = w.true_score_mixture()
@@ -258,6 +267,7 @@ def test_vote_pairs_match_the_population_preference():
         expected = p.votes[i] if bool(p.label[i]) else 1 - p.votes[i]
         assert r["votes"] == expected.tolist()
         assert r["chosen"] != r["rejected"]
+        assert r["prompt"] == w.to_records()[int(p.prompt_ids[i])]["prompt"]  # same prompt text as the world's item
 
 
 # ---- errors ------------------------------------------------------------------------------

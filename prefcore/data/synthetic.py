@@ -234,6 +234,11 @@ class ScoreMixture(NamedTuple):
     means: torch.Tensor
     stds: torch.Tensor
 
+    def gmm_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits, mu, log_sigma)``, each ``(B, T)``: the field order of
+        ``prefcore.distributions.GaussianMixture``, so ``GaussianMixture(*mix.gmm_params())`` works."""
+        return torch.log(self.weights), self.means, torch.log(self.stds)
+
 
 @dataclass(frozen=True)
 class AnnotatorType:
@@ -566,11 +571,12 @@ def make_ratings_world(
 class VotePairs:
     r"""Response pairs to one prompt, each judged by ``n`` voters. ``B`` pairs.
 
-    - ``prompt_features (B, D_p)``, ``response_a``, ``response_b (B, D_r)`` float32.
+    - ``prompt_features (B, D_p)``, ``response_a``, ``response_b (B, D_r)`` float32;
+      ``prompt_ids (B,)`` int64, the world's prompt id (same prompt text as the world's records).
     - ``votes (B, n)`` int64 0/1: 1 = the voter preferred ``a`` (voter = a distinct random pool
       member who rates both responses with fresh noise, unclipped, and picks the higher).
     - ``label (B,)`` bool: a single extra annotator's judgment (True = ``a``), the "binary
-      preference" a standard data set stores; ``chosen_is_a`` is the same thing.
+      preference" a standard data set stores (its voter is distinct from the ``n`` voters).
     - ``prob_a (B,)`` float64: the population's true aggregate preference
       :math:`\sum_t w_t\,\Phi\big((\mu_t(a) - \mu_t(b))/(\sigma_t\sqrt2)\big)` (overall score).
     """
@@ -581,6 +587,7 @@ class VotePairs:
     votes: torch.Tensor
     label: torch.Tensor
     prob_a: torch.Tensor
+    prompt_ids: torch.Tensor
 
     @property
     def vote_fraction(self) -> torch.Tensor:
@@ -597,7 +604,7 @@ class VotePairs:
             text_b = _response_text(2 * i + 1, self.response_b[i])
             v = self.votes[i] if a_first else 1 - self.votes[i]
             out.append({
-                "prompt": _prompt_text(i, self.prompt_features[i]),
+                "prompt": _prompt_text(int(self.prompt_ids[i]), self.prompt_features[i]),
                 "chosen": text_a if a_first else text_b,
                 "rejected": text_b if a_first else text_a,
                 "votes": [int(x) for x in v.tolist()],
@@ -637,4 +644,4 @@ def sample_vote_pairs(
     prefer_a = s_a > s_b
     w = world.type_proportions.double()
     prob_a = (w * _normal_cdf((mu_a - mu_b) / (noise * math.sqrt(2.0)))).sum(-1)
-    return VotePairs(prompt, resp[0], resp[1], prefer_a[:, 1:].long(), prefer_a[:, 0], prob_a)
+    return VotePairs(prompt, resp[0], resp[1], prefer_a[:, 1:].long(), prefer_a[:, 0], prob_a, world.prompt_ids[src])

@@ -306,7 +306,8 @@ class LatentAnnotatorMixture(nn.Module):
         # π update: the average responsibility, floored so no annotator is removed for good.
         pi = resp.mean(0).clamp_min(self.min_weight)
         self.log_weights.copy_(torch.log(pi / pi.sum()).to(self.log_weights))
-        self.train()
+        # The module's train/eval mode is left as the caller set it (dropout in the E-step is the
+        # caller's choice).
         for _ in range(m_steps):
             if batch_size is None or batch_size >= n:
                 idx = torch.arange(n)
