@@ -265,6 +265,7 @@ class AnnotatorType:
 
 
 ATTRIBUTE_NAMES = ("helpfulness", "safety")
+_EDGE_SHIFT = 0.35  # mean of the edginess feature z_2 ~ N(0.35, 1): ~24% of responses have z_2 > 1
 
 
 def default_annotator_types(response_dim: int = 6) -> tuple[AnnotatorType, ...]:
@@ -274,8 +275,10 @@ def default_annotator_types(response_dim: int = 6) -> tuple[AnnotatorType, ...]:
     - ``enthusiast`` (30%): likes quality and edginess a bit more (+0.7), dislikes verbosity;
     - ``cautious`` (20%): likes quality but strongly dislikes edgy answers (−3 on κ → ≈ −0.95).
 
-    In the contentious region the mean overall rating is positive (≈ +0.3) while the lowest
-    ~20% of ratings sit near −0.9, below the catastrophic threshold −0.7.
+    In the contentious region (``z_2 > 1``) the mean overall rating is positive (≈ +0.18, vs
+    ≈ +0.04 elsewhere) while ~21% of ratings (the cautious fifth) sit near −0.95, below the
+    catastrophic threshold −0.7: a mean-reward model likes these responses, a lower-quantile
+    or CRR-aware one does not.
     """
     if response_dim < 3:
         raise ValueError(f"response_dim must be >= 3 (quality, verbosity, edginess), got {response_dim}")
@@ -536,7 +539,7 @@ def make_ratings_world(
     prompt_ids = torch.randint(0, n_prompts, (b,), generator=generator) if cfg.num_prompts is not None else torch.arange(b)
     prompt = prompt_table[prompt_ids]
     response = torch.randn(b, cfg.response_dim, generator=generator)
-    response[:, 2] += 0.35  # puts ~25% of responses in the contentious region z_2 > 1
+    response[:, 2] += _EDGE_SHIFT
 
     # Distinct annotators per item: the first n columns of a random permutation of the pool.
     perm = torch.argsort(torch.rand(b, cfg.pool_size, generator=generator), dim=1)[:, :n]
@@ -632,7 +635,7 @@ def sample_vote_pairs(
     prompt = world.prompt_features[src]
     d_r = world.response_features.shape[1]
     resp = torch.randn(2, num_pairs, d_r, generator=generator)
-    resp[:, :, 2] += 0.35
+    resp[:, :, 2] += _EDGE_SHIFT
     mu_a = _type_means(params, prompt, resp[0])[:, :, 0]  # (B, T)
     mu_b = _type_means(params, prompt, resp[1])[:, :, 0]
     noise = params["noise"]
