@@ -190,8 +190,13 @@ def test_margin_bt_tracks_aggregate_preference_on_contested_pairs_better_than_pl
     giving the margin m = |Σj − 5|/5. A tanh MLP on (prompt, response) features is trained
     full-batch for 300 Adam steps with plain BT and, from the same init, with margin BT.
     Evaluation: Pearson between σ(r_a − r_b) and the exact population preference P(a ≻ b)
-    on 20 000 held-out pairs with P ∈ (0.2, 0.8) (contested). Two seeds."""
-    gaps = []
+    on 20 000 held-out pairs with P ∈ (0.2, 0.8) (contested). Two seeds.
+
+    Control: the same margins shuffled across pairs (same distribution, no per-pair
+    information). A margin also acts as a regulariser, and the control gets part of the gain
+    (measured over seeds 0–3: plain 0.59–0.64, shuffled 0.62–0.66, true margins 0.64–0.68), so
+    the test asserts the true margins beat both — the per-pair disagreement is what helps."""
+    gaps, gaps_control = [], []
     for seed in (0, 1):
         g = torch.Generator().manual_seed(seed)
         world = synthetic.make_ratings_world(g, synthetic.RatingsWorldConfig(num_items=256))
@@ -202,7 +207,8 @@ def test_margin_bt_tracks_aggregate_preference_on_contested_pairs_better_than_pl
         margin = vote_margin(train.votes)
         y = train.label
         corr = {}
-        for name, m in (("plain", None), ("margin", margin)):
+        shuffled = margin[torch.randperm(margin.shape[0], generator=torch.Generator().manual_seed(99))]
+        for name, m in (("plain", None), ("margin", margin), ("shuffled", shuffled)):
             torch.manual_seed(seed)
             net = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
             opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -216,6 +222,8 @@ def test_margin_bt_tracks_aggregate_preference_on_contested_pairs_better_than_pl
             with torch.no_grad():
                 d = net(torch.cat([test.prompt_features, test.response_a], -1)) - net(torch.cat([test.prompt_features, test.response_b], -1))
             corr[name] = _pearson(torch.sigmoid(d[:, 0])[contested], test.prob_a[contested])
-        assert corr["margin"] > corr["plain"], corr
+        assert corr["margin"] > corr["plain"] and corr["margin"] > corr["shuffled"], corr
         gaps.append(corr["margin"] - corr["plain"])
+        gaps_control.append(corr["margin"] - corr["shuffled"])
     assert sum(gaps) / len(gaps) > 0.02, gaps
+    assert sum(gaps_control) / len(gaps_control) > 0.01, gaps_control
