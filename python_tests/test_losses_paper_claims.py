@@ -6,7 +6,12 @@
    annotators, a single BT model serves "lukewarm coffee" (its mode lies between the two
    annotators' modes, where the misspecified model's population optimum is), while the
    K = 2 latent annotator mixture fitted by EM recovers both modes and the weights.
-3. Margin-regularised BT paper, eq. 3–4 / Table 1: with n = 10 votes per pair turned into a
+3. Density-estimation paper, Theorem 2 and eq. 17, on a finite item set ("sequences" with
+   lengths) with a normalised tabular model π = softmax(θ): a length-normalised Luce
+   annotator (eq. 12) is recovered by the length-normalised loss, while the plain Luce loss
+   on the same data converges to π ∝ p*^(1/|x|) instead; DPO on Luce-rule data converges to
+   π ∝ π_ref·p*^(1/β) (eq. 17), and to p* itself when the annotator shares DPO's PBDE (eq. 16).
+4. Margin-regularised BT paper, eq. 3–4 / Table 1: with n = 10 votes per pair turned into a
    margin, the reward model's preference probability correlates better (Pearson) with the
    population's aggregate preference on contested pairs than plain BT trained on the same
    single binary labels.
@@ -24,7 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefcore.data import synthetic
-from prefcore.losses import LatentAnnotatorMixture, bradley_terry_loss, vote_margin
+from prefcore.losses import (
+    LatentAnnotatorMixture,
+    bradley_terry_loss,
+    dpo_loss,
+    length_normalized_luce_loss,
+    luce_loss,
+    vote_margin,
+)
 
 GRID = torch.linspace(-10.0, 10.0, 4001, dtype=torch.float64)
 
@@ -176,6 +188,52 @@ def test_single_annotator_bt_is_lukewarm_and_latent_mixture_em_recovers_both_ann
     entropy = (-(p * p.log() + (1 - p) * (1 - p).log())).mean().item()  # the best any model can do
     assert nll_mix < nll_single - 0.08, (nll_mix, nll_single)
     assert nll_mix < entropy + 0.03, (nll_mix, entropy)
+
+
+def _fit_tabular_policy(pairs, loss_fn, num_items: int, steps: int = 400) -> torch.Tensor:
+    """Normalised tabular model π = softmax(θ) over the items, trained full-batch with Adam on
+    ``loss_fn(log π, chosen indices, rejected indices)``; returns π (X,) float64."""
+    theta = torch.zeros(num_items, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([theta], lr=0.05)
+    chosen = torch.where(pairs.labels, pairs.a, pairs.b)
+    rejected = torch.where(pairs.labels, pairs.b, pairs.a)
+    for _ in range(steps):
+        loss = loss_fn(torch.log_softmax(theta, 0), chosen, rejected)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.softmax(theta.detach(), 0)
+
+
+def _normalise(p: torch.Tensor) -> torch.Tensor:
+    return p / p.sum()
+
+
+def test_pbde_theorem_2_length_normalised_luce_and_dpo_optima():
+    g = torch.Generator().manual_seed(0)
+    x = 30
+    lengths = torch.randint(1, 7, (x,), generator=g)
+    p_star = torch.softmax(torch.randn(x, generator=g, dtype=torch.float64) * 1.5, 0)
+    pi_ref = torch.softmax(torch.randn(x, generator=g, dtype=torch.float64), 0)
+
+    # Length-normalised Luce annotator (f = 1/|x|), 2^16 pairs.
+    ln_pairs = synthetic.sample_pbde_pairs(p_star.log(), 2**16, g, f=1.0 / lengths)
+    pi_ln = _fit_tabular_policy(ln_pairs, lambda lp, c, r: length_normalized_luce_loss(lp[c], lp[r], lengths[c], lengths[r]), x)
+    pi_luce = _fit_tabular_policy(ln_pairs, lambda lp, c, r: luce_loss(lp[c], lp[r]), x)
+    assert _tv(pi_ln, p_star) < 0.1, "same PBDE for annotator and model: π → p* (Theorem 2)"
+    assert _tv(pi_luce, p_star) > 0.25, "misspecified (Luce model, length-normalised annotator): π ≠ p*"
+    assert _tv(pi_luce, _normalise(p_star ** (1.0 / lengths))) < 0.05, "... it converges to p*^(1/|x|) instead"
+
+    # DPO (f = β, g = −β log π_ref) on a Luce annotator: eq. 17, π ∝ π_ref · p*^(1/β).
+    beta = 2.0
+    luce_pairs = synthetic.sample_pbde_pairs(p_star.log(), 2**16, g)
+    dpo = lambda lp, c, r: dpo_loss(lp[c], lp[r], pi_ref.log()[c], pi_ref.log()[r], beta)  # noqa: E731
+    pi_dpo = _fit_tabular_policy(luce_pairs, dpo, x)
+    assert _tv(pi_dpo, _normalise(pi_ref * p_star ** (1.0 / beta))) < 0.03
+    assert _tv(pi_dpo, p_star) > 0.3
+    # ... and to p* when the annotator itself follows DPO's PBDE (eq. 16, Fig. 2).
+    dpo_pairs = synthetic.sample_pbde_pairs(p_star.log(), 2**16, g, f=torch.full((x,), beta), g=-beta * pi_ref.log())
+    assert _tv(_fit_tabular_policy(dpo_pairs, dpo, x), p_star) < 0.05
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:

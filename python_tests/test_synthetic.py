@@ -38,6 +38,7 @@ def _assert_same(a, b) -> None:
     [
         lambda g: tuple(S.sample_luce_pairs(300, g)),
         lambda g: tuple(S.sample_annotator_mixture_pairs(300, g)),
+        lambda g: tuple(S.sample_pbde_pairs(torch.linspace(-3, 0, 9), 300, g, f=torch.arange(1, 10).double())),
         lambda g: (lambda w: (w.features, w.scores, w.mask, w.attribute_scores, w.annotator_ids, w.annotator_types))(
             S.make_ratings_world(g, S.RatingsWorldConfig(num_items=64, num_prompts=20))),
         lambda g: (lambda p: (p.votes, p.label, p.prob_a, p.response_a))(
@@ -118,6 +119,23 @@ def test_annotator_mixture_pairs_follow_eq_21():
     # The signature of eq. 21 (Fig. 4): cold-mode vs hot-mode pairs are won 40/60, not ~always.
     both = ((d.x_a + 2.5).abs() < 0.2) & ((d.x_b - 2.5).abs() < 0.3)
     assert d.prob_a[both].mean().item() == pytest.approx(0.4, abs=1e-3)
+
+
+def test_pbde_pairs_follow_their_rule():
+    g = gen(6)
+    log_p = torch.randn(12, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, 9, (12,), generator=g)
+    offset = torch.randn(12, generator=g, dtype=torch.float64)
+    d = S.sample_pbde_pairs(log_p, 100_000, g, f=1.0 / lengths, g=offset)
+    assert d.a.min() >= 0 and d.a.max() <= 11 and d.a.dtype == torch.int64
+    counts = torch.bincount(torch.cat([d.a, d.b]), minlength=12).double()
+    assert ((counts - 2e5 / 12).abs() < 5 * math.sqrt(2e5 / 12)).all()  # uniform items
+    # prob_a from eq. 11 written out: σ(Ω(a) − Ω(b)), Ω = log p/|x| + g.
+    omega = log_p / lengths + offset
+    torch.testing.assert_close(d.prob_a, 1 / (1 + torch.exp(omega[d.b] - omega[d.a])))
+    _binned_calibration(d.prob_a, d.labels)
+    luce = S.sample_pbde_pairs(log_p, 1000, gen(1))
+    torch.testing.assert_close(luce.prob_a, torch.sigmoid(log_p[luce.a] - log_p[luce.b]))
 
 
 # ---- world (b) ---------------------------------------------------------------------------
@@ -283,6 +301,10 @@ def _types_with_shares(*shares: float) -> tuple[S.AnnotatorType, ...]:
         (lambda: S.sample_luce_pairs(-1, gen(0)), ValueError, r"n must be an int >= 0, got -1"),
         (lambda: S.sample_annotator_mixture_pairs(5, gen(0), weights=torch.tensor([0.5, 0.5])), ValueError, "weights and annotators must be given together"),
         (lambda: S.sample_annotator_mixture_pairs(5, gen(0), torch.tensor([0.5, 0.6]), S.toy_annotator_densities()[1]), ValueError, "weights must be positive, sum to 1"),
+        (lambda: S.sample_pbde_pairs(torch.zeros(3), 5, gen(0), f=torch.tensor([1.0, 0.0, 1.0])), ValueError, r"f must be a tensor of shape \(X,\) = \(3,\) with every value > 0"),
+        (lambda: S.sample_pbde_pairs(torch.tensor([0.0, -math.inf]), 5, gen(0)), ValueError, "log_p must be finite"),
+        (lambda: S.sample_pbde_pairs(torch.zeros(2, 2), 5, gen(0)), ValueError, r"log_p must be a floating tensor of shape \(X,\)"),
+        (lambda: S.sample_pbde_pairs(torch.zeros(3), 5, gen(0), g=torch.zeros(2)), ValueError, r"g must be a tensor of shape \(X,\) = \(3,\)"),
         (lambda: S.TruncatedNormalMixture(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([-1.0])), ValueError, "weights and stds must be > 0"),
         (lambda: S.RatingsWorldConfig(num_annotators=5, min_annotators=6), ValueError, r"min_annotators must be <= num_annotators \(5\), got 6"),
         (lambda: S.RatingsWorldConfig(response_dim=2), ValueError, r"response_dim must be an int >= 3, got 2"),

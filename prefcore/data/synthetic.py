@@ -33,6 +33,8 @@ __all__ = [
     "luce_preference_probability",
     "sample_luce_pairs",
     "sample_annotator_mixture_pairs",
+    "IndexPairs",
+    "sample_pbde_pairs",
     "ScoreMixture",
     "RatingsWorldConfig",
     "AnnotatorType",
@@ -217,6 +219,54 @@ def sample_annotator_mixture_pairs(
     own = per_annotator.gather(1, who[:, None])[:, 0]
     labels = torch.rand(n, generator=generator, dtype=torch.float64) < own
     return MixturePairs(x_a.float(), x_b.float(), labels, per_annotator @ weights, who)
+
+
+class IndexPairs(NamedTuple):
+    """Pairs of items of a finite set, by index. All ``(n,)``: ``a``, ``b`` int64 item indices,
+    ``labels`` bool (True = ``a`` preferred), ``prob_a`` float64 the true :math:`P(a\\succ b)`."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    labels: torch.Tensor
+    prob_a: torch.Tensor
+
+
+def sample_pbde_pairs(
+    log_p: torch.Tensor,
+    n: int,
+    generator: torch.Generator,
+    *,
+    f: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
+) -> IndexPairs:
+    r"""A PBDE annotator (density-estimation eq. 11) over a finite item set (e.g. sequences).
+
+    ``log_p (X,)``: the annotator's implicit log-preference of each item (need not be normalised);
+    ``f (X,) > 0`` (default 1) and ``g (X,)`` (default 0) define
+    :math:`\Omega(x) = f(x)\log p(x) + g(x)`. ``n`` pairs ``(a, b)`` are drawn uniformly (with
+    replacement, ``a = b`` allowed) and labelled ``y ~ Bernoulli(σ(Ω(a) − Ω(b)))``. ``f = 1, g = 0``
+    is the Luce rule (eq. 9); ``f = 1/|x|`` the length-normalised Luce rule (eq. 12).
+    Deterministic given ``generator``."""
+    n = _require_count(n, "n")
+    generator = _require_generator(generator)
+    if not isinstance(log_p, torch.Tensor) or log_p.dim() != 1 or log_p.shape[0] < 1 or not log_p.is_floating_point():
+        raise ValueError(f"log_p must be a floating tensor of shape (X,) with X >= 1, got {getattr(log_p, 'shape', type(log_p).__name__)}")
+    lp = log_p.detach().double()
+    if not bool(torch.isfinite(lp).all()):
+        raise ValueError("log_p must be finite (every item needs a finite log-preference)")
+    omega = lp
+    if f is not None:
+        if not isinstance(f, torch.Tensor) or f.shape != lp.shape or not bool((f > 0).all()):
+            raise ValueError(f"f must be a tensor of shape (X,) = ({lp.shape[0]},) with every value > 0")
+        omega = f.double() * omega
+    if g is not None:
+        if not isinstance(g, torch.Tensor) or g.shape != lp.shape:
+            raise ValueError(f"g must be a tensor of shape (X,) = ({lp.shape[0]},)")
+        omega = omega + g.double()
+    idx = torch.randint(0, lp.shape[0], (2, n), generator=generator)
+    prob = torch.sigmoid(omega[idx[0]] - omega[idx[1]])
+    labels = torch.rand(n, generator=generator, dtype=torch.float64) < prob
+    return IndexPairs(idx[0], idx[1], labels, prob)
 
 
 # =========================================================================================
