@@ -38,6 +38,8 @@ from prefcore.losses import (
     vote_margin,
 )
 
+pytestmark = pytest.mark.slow  # statistical: each test trains small models for a few seconds
+
 GRID = torch.linspace(-10.0, 10.0, 4001, dtype=torch.float64)
 
 
