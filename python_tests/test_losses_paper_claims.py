@@ -16,10 +16,13 @@
    population's aggregate preference on contested pairs than plain BT trained on the same
    single binary labels.
 
-Reward MLPs: tanh, width 32; the first layer's units are initialised as steps at random
-positions across [−10, 10] with slopes ~N(0, 1) per unit of x (``_spread_first_layer``) —
-PyTorch's default init on the rescaled input x/10 gives units so smooth that a narrow mode
-(σ = 0.25) takes thousands of steps to appear.
+Reward MLPs (1-D world): tanh, two hidden layers of width 32; the first layer's units are
+initialised as steps at random positions across [−10, 10] with slopes ~N(0, 1) per unit of x
+(``_spread_first_layer``) — PyTorch's default init on the rescaled input x/10 gives units so
+smooth that the narrow mode (σ = 0.25) takes thousands of steps to appear. Measured over
+seeds 0–3 with this setup: test 1 TV 0.027–0.036; test 2 single-BT mode 1.35–1.82 (population
+optimum 1.3), mixture modes within 0.15 of ±2.5, weights within 0.01 of (0.4, 0.6). (Three
+hidden layers got stuck without the narrow mode, TV 0.43, for 1 seed in 4.)
 """
 from __future__ import annotations
 
