@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         f"Original error: {exc}"
     ) from exc
 
-from prefcore import ops  # noqa: E402
+from prefcore import data, distributions, eval, losses, models, ops  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "__version__"]
+__all__ = ["data", "distributions", "eval", "losses", "models", "ops", "__version__"]

@@ -5,6 +5,7 @@ multi-annotator tables).
 
 ``datasets`` is imported only when a file is read, so importing this package is cheap.
 """
+from prefcore.data import synthetic
 from prefcore.data.adapters import (
     HELPSTEER2_ATTRIBUTES,
     ULTRAFEEDBACK_ASPECTS,
@@ -32,6 +33,7 @@ from prefcore.data.schemas import (
 )
 
 __all__ = [
+    "synthetic",
     # schemas
     "DataValidationError",
     "RatingRecord",

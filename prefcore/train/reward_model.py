@@ -53,7 +53,7 @@ class TrainRMConfig:
     steps: int = field(default=600, metadata={"help": "optimisation steps (stage 1)"})
     gate_steps: int = field(default=300, metadata={"help": "qrm: steps of the gating stage"})
     batch_size: int = 256
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     warmup_steps: int = 20
     seed: int = 0
@@ -66,6 +66,9 @@ class TrainRMConfig:
     gmm_target: str = field(default="scores", metadata={"help": f"gmm: one of {', '.join(GMM_TARGETS)}"})
     grid_size: int = field(default=201, metadata={"help": "gmm em/histogram: grid points over the score range"})
     bandwidth: float = field(default=0.1, metadata={"help": "gmm histogram: KDE bandwidth"})
+    trunk_layers: int = field(default=2, metadata={"help": "MLP layers (Linear+GELU) before the heads; 0 = linear "
+                                                           "heads on the frozen features (QRM)"})
+    trunk_width: int = field(default=128, metadata={"help": "width of the trunk layers"})
     non_crossing: bool = field(default=False, metadata={"help": "qrm: monotone quantile parametrisation"})
     risk_lambda: float = field(default=2.0, metadata={"help": "report: λ of the certainty equivalent"})
     risk_alpha: float = field(default=0.1, metadata={"help": "report: α of CVaR/VaR"})

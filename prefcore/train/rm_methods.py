@@ -38,7 +38,7 @@ def _need(part, what: str, method: str):
 
 def head_config(method: str, data: RMData, cfg) -> dict:
     """The JSON-serialisable description from which :func:`build_heads` rebuilds the heads."""
-    hc: dict = {"method": method}
+    hc: dict = {"method": method, "trunk_layers": int(cfg.trunk_layers), "trunk_width": int(cfg.trunk_width)}
     if method in ("bt", "bt-margin"):
         hc["in_features"] = int(_need(data.pairs, "pairs", method).chosen.shape[1])
     elif method == "qrm":
@@ -57,27 +57,50 @@ def head_config(method: str, data: RMData, cfg) -> dict:
     return hc
 
 
+def make_trunk(in_features: int, layers: int, width: int) -> nn.Module:
+    """``layers`` × (Linear → GELU) of ``width`` on the response features; ``layers = 0`` is the
+    identity (linear heads directly on the frozen features, as QRM does)."""
+    if layers < 0 or (layers > 0 and width < 1):
+        raise ValueError(f"trunk_layers must be >= 0 and trunk_width >= 1, got {layers}, {width}")
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        mods += [nn.Linear(in_features if i == 0 else width, width), nn.GELU()]
+    return nn.Sequential(*mods)
+
+
 def build_heads(hc: dict) -> nn.ModuleDict:
+    """``trunk`` (on response features) plus the method's heads, from :func:`head_config`."""
     method = hc["method"]
+    trunk = make_trunk(hc["in_features"], hc["trunk_layers"], hc["trunk_width"])
+    d = hc["trunk_width"] if hc["trunk_layers"] > 0 else hc["in_features"]
     if method in ("bt", "bt-margin"):
-        return nn.ModuleDict({"scalar": ScalarHead(hc["in_features"])})
-    if method == "qrm":
-        return nn.ModuleDict({
-            "quantile": QuantileHead(hc["in_features"], num_attributes=hc["num_attributes"],
-                                     non_crossing=hc["non_crossing"]),
-            "gate": GatingNetwork(hc["prompt_features"], hc["num_attributes"]),
-        })
-    if method == "gmm":
-        return nn.ModuleDict({"gmm": GMMHead(hc["in_features"], k=hc["k"])})
-    if method == "mean-var":
-        return nn.ModuleDict({"meanvar": MeanVarianceHead(hc["in_features"])})
-    raise ValueError(f"unknown method {method!r}")
+        heads = {"scalar": ScalarHead(d)}
+    elif method == "qrm":
+        heads = {"quantile": QuantileHead(d, num_attributes=hc["num_attributes"], non_crossing=hc["non_crossing"]),
+                 "gate": GatingNetwork(hc["prompt_features"], hc["num_attributes"])}
+    elif method == "gmm":
+        heads = {"gmm": GMMHead(d, k=hc["k"])}
+    elif method == "mean-var":
+        heads = {"meanvar": MeanVarianceHead(d)}
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return nn.ModuleDict({"trunk": trunk, **heads})
+
+
+def _head(heads: nn.ModuleDict, name: str) -> Callable[[torch.Tensor], object]:
+    """``features ↦ heads[name](trunk(features))``."""
+    trunk, head = heads["trunk"], heads[name]
+    return lambda x: head(trunk(x))
+
+
+def _params(heads: nn.ModuleDict, name: str) -> list[nn.Parameter]:
+    return [*heads["trunk"].parameters(), *heads[name].parameters()]
 
 
 # ---- losses -----------------------------------------------------------------------------------
 
 def _bt_stage(heads: nn.ModuleDict, pairs: PairsData, method: str, steps: int) -> Stage:
-    head = heads["scalar"]
+    head = _head(heads, "scalar")
     if method == "bt-margin" and pairs.votes is None:
         raise ValueError("method 'bt-margin' needs pairs with votes")
 
@@ -89,7 +112,7 @@ def _bt_stage(heads: nn.ModuleDict, pairs: PairsData, method: str, steps: int) -
             margin = vote_margin(pairs.votes[idx], vm)
         loss = bradley_terry_loss(r_c, r_r, margin=margin)
         return loss, {"accuracy": float((r_c > r_r).float().mean())}
-    return Stage("bt", list(head.parameters()), batch, len(pairs), steps)
+    return Stage("bt", _params(heads, "scalar"), batch, len(pairs), steps)
 
 
 def _gaussian_nll(mean: torch.Tensor, log_var: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor
@@ -121,12 +144,12 @@ def stages(method: str, heads: nn.ModuleDict, train: RMData, cfg) -> list[Stage]
         return [_bt_stage(heads, _need(train.pairs, "pairs", method), method, cfg.steps)]
     ratings = _need(train.ratings, "ratings", method)
     if method == "qrm":
-        qh, gate = heads["quantile"], heads["gate"]
+        qh, gate, taus = _head(heads, "quantile"), heads["gate"], heads["quantile"].taus
         pairs = _need(train.pairs, "pairs", method)
 
         def quantile_batch(idx):
             pred = qh(ratings.features[idx])  # (B, M, Q)
-            return ops.pinball_loss(pred, ratings.scores[idx], qh.taus, ratings.mask[idx]), {}
+            return ops.pinball_loss(pred, ratings.scores[idx], taus, ratings.mask[idx]), {}
 
         def gate_batch(idx):
             with torch.no_grad():
@@ -135,10 +158,10 @@ def stages(method: str, heads: nn.ModuleDict, train: RMData, cfg) -> list[Stage]
             g = gate(pairs.prompt[idx])
             r_c, r_r = (g * e_c).sum(-1), (g * e_r).sum(-1)
             return bradley_terry_loss(r_c, r_r), {"accuracy": float((r_c > r_r).float().mean())}
-        return [Stage("quantile", list(qh.parameters()), quantile_batch, len(ratings), cfg.steps),
+        return [Stage("quantile", _params(heads, "quantile"), quantile_batch, len(ratings), cfg.steps),
                 Stage("gating", list(gate.parameters()), gate_batch, len(pairs), cfg.gate_steps)]
     if method == "gmm":
-        head = heads["gmm"]
+        head = _head(heads, "gmm")
         points, weights = _gmm_target(ratings, cfg)
         shared = points.dim() == 1
 
@@ -146,9 +169,9 @@ def stages(method: str, heads: nn.ModuleDict, train: RMData, cfg) -> list[Stage]
             p = head(ratings.features[idx])
             pts = points if shared else points[idx]
             return ops.gmm_nll(p.logits, p.mu, p.log_sigma, pts, weights[idx]), {}
-        return [Stage("gmm", list(head.parameters()), gmm_batch, len(ratings), cfg.steps)]
+        return [Stage("gmm", _params(heads, "gmm"), gmm_batch, len(ratings), cfg.steps)]
     if method == "mean-var":
-        head = heads["meanvar"]
+        head = _head(heads, "meanvar")
         s, m = ratings.scores[:, 0], ratings.mask[:, 0]
 
         def mv_batch(idx):
@@ -156,20 +179,11 @@ def stages(method: str, heads: nn.ModuleDict, train: RMData, cfg) -> list[Stage]
             per = _gaussian_nll(mean, log_var, s[idx], m[idx])
             has = m[idx].any(-1)
             return per.sum() / has.sum().clamp_min(1), {}
-        return [Stage("mean-var", list(head.parameters()), mv_batch, len(ratings), cfg.steps)]
+        return [Stage("mean-var", _params(heads, "meanvar"), mv_batch, len(ratings), cfg.steps)]
     raise ValueError(f"unknown method {method!r}")
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
-
-def _empirical_variance(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-item unbiased variance of valid scores and a (N,) bool of items with ≥ 2 scores."""
-    m = mask.float()
-    n = m.sum(-1)
-    mean = (scores * m).sum(-1) / n.clamp_min(1)
-    var = (((scores - mean[:, None]) ** 2) * m).sum(-1) / (n - 1).clamp_min(1)
-    return var, n >= 2
-
 
 def _risk_summary(dist, cfg) -> dict[str, float]:
     return {
@@ -187,7 +201,8 @@ def evaluate(method: str, heads: nn.ModuleDict, test: RMData, cfg) -> dict[str, 
     out: dict[str, float] = {}
     if method in ("bt", "bt-margin"):
         p = test.pairs
-        r_c, r_r = heads["scalar"](p.chosen), heads["scalar"](p.rejected)
+        head = _head(heads, "scalar")
+        r_c, r_r = head(p.chosen), head(p.rejected)
         out["pairwise_accuracy"] = float(M.pairwise_accuracy(r_c, r_r))
         frac = p.vote_fraction()
         if frac is not None:
@@ -197,16 +212,16 @@ def evaluate(method: str, heads: nn.ModuleDict, test: RMData, cfg) -> dict[str, 
     r = test.ratings
     out["num_eval_items"] = len(r)
     if method == "qrm":
-        qh = heads["quantile"]
+        qh, taus = _head(heads, "quantile"), heads["quantile"].taus
         pred = qh(r.features)  # (N, M, Q)
         n, m, q = pred.shape
-        cov = M.quantile_coverage(pred.reshape(n * m, q), qh.taus, r.scores.reshape(n * m, -1),
+        cov = M.quantile_coverage(pred.reshape(n * m, q), taus, r.scores.reshape(n * m, -1),
                                   r.mask.reshape(n * m, -1))
-        for tau, c in zip(qh.taus.tolist(), cov.tolist()):
+        for tau, c in zip(taus.tolist(), cov.tolist()):
             out[f"coverage_{tau:.2f}"] = c
-        out["coverage_max_abs_error"] = float((cov - qh.taus).abs().max())
-        out["pinball_loss"] = float(ops.pinball_loss(pred, r.scores, qh.taus, r.mask))
-        out.update(_risk_summary(D.QuantileDistribution(pred[:, 0], qh.taus), cfg))
+        out["coverage_max_abs_error"] = float((cov - taus).abs().max())
+        out["pinball_loss"] = float(ops.pinball_loss(pred, r.scores, taus, r.mask))
+        out.update(_risk_summary(D.QuantileDistribution(pred[:, 0], taus), cfg))
         if test.pairs is not None and len(test.pairs):
             p = test.pairs
             g = heads["gate"](p.prompt)
@@ -215,21 +230,20 @@ def evaluate(method: str, heads: nn.ModuleDict, test: RMData, cfg) -> dict[str, 
             out["pairwise_accuracy"] = float(M.pairwise_accuracy(r_c, r_r))
         return out
     s, mk = r.scores[:, 0], r.mask[:, 0]
-    emp_var, has2 = _empirical_variance(s, mk)
     if method == "gmm":
-        params = heads["gmm"](r.features)
+        params = _head(heads, "gmm")(r.features)
         dist = D.GaussianMixture(params.logits, params.mu, params.log_sigma)
         w = mk.to(s.dtype)
         out["nll"] = float(ops.gmm_nll(params.logits, params.mu, params.log_sigma, s, w))
         if r.truth_logits is not None:
             out["nll_true_mixture"] = float(ops.gmm_nll(r.truth_logits, r.truth_mu, r.truth_log_sigma, s, w))
         out["crps"] = float(M.crps_gmm(dist, s, mk).mean())
-        out["uce"] = float(M.uce(dist.variance()[has2], emp_var[has2]))
+        out["uce"] = float(M.uce(dist, s, mk))
         out.update(_risk_summary(dist, cfg))
         return out
-    mean, log_var = heads["meanvar"](r.features)
+    mean, log_var = _head(heads, "meanvar")(r.features)
     per = _gaussian_nll(mean, log_var, s, mk)
     out["nll"] = float(per[mk.any(-1)].mean())
-    out["uce"] = float(M.uce(log_var.exp()[has2], emp_var[has2]))
+    out["uce"] = float(M.uce(log_var.exp(), s, mk))
     out["mean_reward"] = float(mean.mean())
     return out

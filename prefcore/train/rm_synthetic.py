@@ -25,10 +25,9 @@ def ratings_from_world(world: RatingsWorld, *, attributes: bool) -> RatingsData:
         names = tuple(world.attribute_names)
     else:
         scores, mask, names = world.scores[:, None, :], world.mask[:, None, :], ("overall",)
-    truth = world.true_score_mixture()
+    logits, mu, log_sigma = (t.float() for t in world.true_score_mixture().gmm_params())
     return RatingsData(world.features, scores, mask, names, prompt_features=world.prompt_features,
-                       truth_logits=truth.weights.log().float(), truth_mu=truth.means.float(),
-                       truth_log_sigma=truth.stds.log().float())
+                       truth_logits=logits, truth_mu=mu, truth_log_sigma=log_sigma)
 
 
 def pairs_from_world(world: RatingsWorld, num_pairs: int, generator: torch.Generator) -> PairsData:
