@@ -35,6 +35,8 @@ SHAPES = [
     ((6, 3), (6, 1)),        # N = 1 per-row point
     ((9, 4), (9, 10)),       # per-row annotator scores
     ((2, 3, 2), (2, 3, 7)),  # leading dims, per-row points
+    ((3, 5), (17,)),         # a K without an unrolled CPU kernel
+    ((3, 11), (3, 5)),       # K > 8: several component chunks in the CUDA backward
 ]
 
 

@@ -98,9 +98,10 @@ constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
 // For the W points of xv: writes e_k = exp(a_k − m) to e[k·W .. k·W + W) and returns
 // S = Σ_k e_k; m = max_k a_k. Where every a_k underflowed to −∞ (|x − μ|/σ beyond ~1e19 in
 // float32) the shift uses 0, so e_k = 0 and S = 0 there instead of NaN.
-template <typename acc_t>
+template <int KC, typename acc_t>
 PREFCORE_ALWAYS_INLINE Simd<acc_t> block_exps(Simd<acc_t> xv, const GmmComponent<acc_t>* comp,
-                                              int64_t K, acc_t* __restrict e, Simd<acc_t>& m_out) {
+                                              int64_t K_runtime, acc_t* __restrict e, Simd<acc_t>& m_out) {
+  const int64_t K = KC > 0 ? KC : K_runtime;
   using V = Simd<acc_t>;
   constexpr int64_t W = kLanes<acc_t>;
   V m = V{} - kInf<acc_t>;
@@ -150,12 +151,14 @@ PREFCORE_ALWAYS_INLINE bool is_finite_value(acc_t v) {
   return (v < kInf<acc_t>) & (v > -kInf<acc_t>);  // false for ±∞ and NaN
 }
 
-template <bool kBackward, typename acc_t>
-PREFCORE_ALWAYS_INLINE void gmm_rows(std::bool_constant<kBackward>, const GmmArgs<acc_t>& a,
-                                     int64_t b0, int64_t b1) {
+// KC > 0: K is the compile-time constant KC (the component loops unroll and the exp blocks stay
+// in registers); KC = 0: any K.
+template <bool kBackward, int KC, typename acc_t>
+PREFCORE_ALWAYS_INLINE void gmm_rows(std::bool_constant<kBackward>, std::integral_constant<int, KC>,
+                                     const GmmArgs<acc_t>& a, int64_t b0, int64_t b1) {
   using V = Simd<acc_t>;
   constexpr int64_t W = kLanes<acc_t>;
-  const int64_t K = a.K, P = a.P;
+  const int64_t K = KC > 0 ? KC : a.K, P = a.P;
   const int64_t Pp = (P + W - 1) / W * W;
   const bool shared_points = a.pts_row_stride == 0;
   // Scratch: points x, weights w, log-densities lp (Pp each; pad lanes x = 0, w = 0, lp = −∞),
@@ -204,28 +207,27 @@ PREFCORE_ALWAYS_INLINE void gmm_rows(std::bool_constant<kBackward>, const GmmArg
     acc_t total = static_cast<acc_t>(P);
     if (a.weights != nullptr) {
       const acc_t* wr = a.weights + b * a.w_row_stride;
-      bool w_ok = true;
-      V tv{};
+      V tv{}, mv{};  // running sum and minimum, for the row total and the sign check
       int64_t p = 0;
       if (a.w_col_stride == 1) {
-        for (; p + W <= P; p += W) {  // vectorised copy + sum (the (B, G) weights are the big input)
+        for (; p + W <= P; p += W) {  // vectorised copy (the (B, G) weights are the big input)
           const V v = simd_load(wr + p);
           simd_store(w + p, v);
           tv += v;
+          mv = v < mv ? v : mv;
         }
       }
-      acc_t t = simd_sum<acc_t>(tv);
+      acc_t t = simd_sum<acc_t>(tv), mn = acc_t(0);
+      for (int64_t j = 0; j < W; ++j) mn = mv[j] < mn ? mv[j] : mn;
       for (; p < P; ++p) {
         const acc_t v = wr[p * a.w_col_stride];
         w[p] = v;
         t += v;
+        mn = v < mn ? v : mn;
       }
-      // Non-negative and finite weights give a sum that is ≥ 0 and finite unless one is NaN,
-      // negative or ∞ (or the sum overflows): then look closer.
-      w_ok = (t >= acc_t(0)) & (t < kInf<acc_t>);
-      if (w_ok) {
-        for (int64_t q = 0; q < P; ++q) w_ok &= w[q] >= acc_t(0);
-      }
+      // NaN or ±∞ weights (or an overflowing sum) make the sum non-finite or negative; the
+      // minimum catches a negative weight the sum hides.
+      const bool w_ok = (t >= acc_t(0)) & (t < kInf<acc_t>) & (mn >= acc_t(0));
       ok &= w_ok;
       total = t;
     }
@@ -252,7 +254,7 @@ PREFCORE_ALWAYS_INLINE void gmm_rows(std::bool_constant<kBackward>, const GmmArg
       for (int64_t pb = 0; pb < Pp; pb += W) {
         const V xv = simd_load(x + pb);
         V m;
-        const V s = block_exps<acc_t>(xv, comp.data(), K, e, m);
+        const V s = block_exps<KC, acc_t>(xv, comp.data(), K, e, m);
         const V logp = block_logp<acc_t>(m, s);
         if (a.normalize) simd_store(lp + pb, logp);
         if (!kBackward) {
@@ -282,7 +284,7 @@ PREFCORE_ALWAYS_INLINE void gmm_rows(std::bool_constant<kBackward>, const GmmArg
     for (int64_t pb = 0; pb < Pp; pb += W) {
       const V xv = simd_load(x + pb);
       V m;
-      const V s = block_exps<acc_t>(xv, comp.data(), K, e, m);
+      const V s = block_exps<KC, acc_t>(xv, comp.data(), K, e, m);
       V omega = simd_load(w + pb) * inv_total;
       if (a.normalize) omega -= vexp(simd_load(lp + pb) - lse);  // q_g; pad lanes: exp(−∞) = 0
       omega_sum += omega;
@@ -357,8 +359,15 @@ void run_rows(const GmmInputs& p, GmmArgs<acc_t>& a, std::atomic<int64_t>& first
     }
   }
   const Isa isa = active_isa();
+  // The paper's K = 3 (and its neighbours) get unrolled kernels; other K the generic one.
   at::parallel_for(0, p.B, grain_for(p), [&](int64_t b0, int64_t b1) {
-    gmm_rows_isa(isa, std::bool_constant<kBackward>{}, a, b0, b1);
+    const std::bool_constant<kBackward> dir{};
+    switch (p.K) {
+      case 2: gmm_rows_isa(isa, dir, std::integral_constant<int, 2>{}, a, b0, b1); break;
+      case 3: gmm_rows_isa(isa, dir, std::integral_constant<int, 3>{}, a, b0, b1); break;
+      case 4: gmm_rows_isa(isa, dir, std::integral_constant<int, 4>{}, a, b0, b1); break;
+      default: gmm_rows_isa(isa, dir, std::integral_constant<int, 0>{}, a, b0, b1); break;
+    }
   });
   const int64_t bad = first_bad.load();
   if (bad < p.B) {
