@@ -37,6 +37,9 @@ SHAPES = [
     ((2, 3, 2), (2, 3, 7)),  # leading dims, per-row points
     ((3, 5), (17,)),         # a K without an unrolled CPU kernel
     ((3, 11), (3, 5)),       # K > 8: several component chunks in the CUDA backward
+    ((37, 3), (37, 10)),     # CPU: rows across SIMD lanes (2 full float tiles + a partial one)
+    ((21, 2), (5,)),         # ... with a small shared grid
+    ((19, 4), (19, 3)),
 ]
 
 
@@ -397,6 +400,24 @@ def test_bad_inputs_raise_clear_errors():
     bad_scores[1, 5] = float("nan")
     with pytest.raises(RuntimeError, match=r"points must be finite, got nan at row 1 \(point 5\)"):
         nll(logits, mu, log_sigma, bad_scores)
+
+    # the same checks where the CPU kernel puts rows across SIMD lanes (few points, K = 3)
+    l37, m37, s37, x37, w37 = (t.float() for t in _inputs((37, 3), (37, 10)))
+    for row in (5, 20, 33):  # in the first or second full tile, or in the partial last one
+        bad_mu = m37.clone()
+        bad_mu[row, 1] = float("nan")
+        with pytest.raises(RuntimeError, match=rf"mu must be finite, got nan at row {row} \(component 1\)"):
+            nll(l37, bad_mu, s37, x37, w37)
+        bad_w = w37.clone()
+        bad_w[row, 2] = -1.0
+        with pytest.raises(RuntimeError, match=rf"weights must be finite and non-negative, got -1 at row {row} \(point 2\)"):
+            nll(l37, m37, s37, x37, bad_w)
+        bad_x = x37.clone()
+        bad_x[row, 9] = -float("inf")
+        with pytest.raises(RuntimeError, match=rf"points must be finite, got -inf at row {row} \(point 9\)"):
+            nll(l37, m37, s37, bad_x, w37)
+    with pytest.raises(RuntimeError, match=r"weights must have a finite sum per row .* at row 0"):
+        nll(l37, m37, s37, x37, torch.full((37, 10), 1e38))
 
     # the raw ops check what the wrapper normally guarantees
     op = torch.ops.prefcore.gmm_nll

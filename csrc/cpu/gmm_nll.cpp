@@ -321,6 +321,140 @@ PREFCORE_ALWAYS_INLINE void gmm_rows(std::bool_constant<kBackward>, std::integra
 
 PREFCORE_ISA_CLONES(gmm_rows_isa, gmm_rows)
 
+// ---- small point sets: rows across SIMD lanes ----------------------------------------------
+// With few points per row (e.g. N ≈ 10 raw annotator scores) the point-lane kernel above
+// leaves most lanes idle and its per-row set-up (scalar exp/log) dominates. Here W rows share
+// each SIMD value (lane j = row r0 + j): the set-up, every point's K log-terms, the sums and the
+// gradients all run W rows at a time, with the components in registers (compile-time K only).
+// A tile with an invalid value or an overflowing weight sum, and the last partial tile, go
+// through gmm_rows, which records the error / handles them row by row. No normalize_grid here.
+constexpr int64_t kMaxTilePoints = 64;
+
+template <bool kBackward, int KC, typename acc_t>
+PREFCORE_ALWAYS_INLINE void gmm_tiles(std::bool_constant<kBackward> dir, std::integral_constant<int, KC> kc,
+                                      const GmmArgs<acc_t>& a, int64_t b0, int64_t b1) {
+  static_assert(KC > 0, "the row-tile kernel needs a compile-time K");
+  using V = Simd<acc_t>;
+  constexpr int64_t W = kLanes<acc_t>;
+  constexpr int64_t K = KC;
+  const int64_t P = a.P;
+  // Scratch [item][lane]: logits, μ, log σ (K each), points and weights (P each).
+  std::vector<acc_t> buf((3 * K + 2 * P) * W);
+  acc_t* __restrict L = buf.data();
+  acc_t* __restrict MU = L + K * W;
+  acc_t* __restrict LS = MU + K * W;
+  acc_t* __restrict X = LS + K * W;
+  acc_t* __restrict WT = X + P * W;
+  int64_t r0 = b0;
+  for (; r0 + W <= b1; r0 += W) {
+    bool ok = true;
+    for (int64_t j = 0; j < W; ++j) {  // transpose the tile's rows into lanes
+      const int64_t b = r0 + j;
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t l = a.logits[b * K + k], m = a.mu[b * K + k], s = a.log_sigma[b * K + k];
+        L[k * W + j] = l;
+        MU[k * W + j] = m;
+        LS[k * W + j] = s;
+        ok &= is_finite_value(l) & is_finite_value(m) & is_finite_value(s) & (s >= kMinLogSigma<acc_t>);
+      }
+      const acc_t* pr = a.points + b * a.pts_row_stride;
+      for (int64_t p = 0; p < P; ++p) {
+        const acc_t v = pr[p * a.pts_col_stride];
+        X[p * W + j] = v;
+        ok &= is_finite_value(v);
+      }
+      if (a.weights != nullptr) {
+        const acc_t* wr = a.weights + b * a.w_row_stride;
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t v = wr[p * a.w_col_stride];
+          WT[p * W + j] = v;
+          ok &= (v >= acc_t(0)) & (v < kInf<acc_t>);
+        }
+      }
+    }
+    V total = simd_splat(static_cast<acc_t>(P));
+    if (ok && a.weights != nullptr) {
+      total = V{};
+      for (int64_t p = 0; p < P; ++p) total += simd_load(WT + p * W);
+      for (int64_t j = 0; j < W; ++j) ok &= total[j] < kInf<acc_t>;
+    }
+    if (!ok) {
+      gmm_rows(dir, kc, a, r0, r0 + W);
+      continue;
+    }
+    const V inv_total = total > acc_t(0) ? acc_t(1) / total : V{};  // all-zero rows: ω = 0
+    // Row set-up, W rows at once: log-softmax of the logits, log-coefficients, 1/σ.
+    V lmax = simd_load(L);
+    for (int64_t k = 1; k < K; ++k) {
+      const V v = simd_load(L + k * W);
+      lmax = v > lmax ? v : lmax;
+    }
+    V lsum{};
+    for (int64_t k = 0; k < K; ++k) lsum += vexp(simd_load(L + k * W) - lmax);
+    const V log_norm = lmax + vlog_pos(lsum);
+    GmmComponent<V> comp[K];
+    for (int64_t k = 0; k < K; ++k) {
+      const V ls = simd_load(LS + k * W);
+      comp[k] = GmmComponent<V>{simd_load(L + k * W) - log_norm - ls - acc_t(kHalfLog2Pi), simd_load(MU + k * W),
+                                vexp(-ls)};
+    }
+    V wl{}, omega_sum{};
+    GmmGradSums<V> sums[K];
+    for (int64_t k = 0; k < K; ++k) sums[k] = GmmGradSums<V>{V{}, V{}, V{}};
+    constexpr acc_t kBig = std::numeric_limits<acc_t>::max();
+    for (int64_t p = 0; p < P; ++p) {
+      const V xv = simd_load(X + p * W);
+      const V wv = a.weights != nullptr ? simd_load(WT + p * W) : simd_splat(acc_t(1));
+      V e[K];
+      V m = V{} - kInf<acc_t>;
+      for (int64_t k = 0; k < K; ++k) {
+        e[k] = gmm_log_term<V, V, acc_t>(gmm_z<V, V>(xv, comp[k]), comp[k]);
+        m = e[k] > m ? e[k] : m;
+      }
+      const V shift = m == -kInf<acc_t> ? V{} : m;
+      V s{};
+      for (int64_t k = 0; k < K; ++k) {
+        e[k] = vexp(e[k] - shift);
+        s += e[k];
+      }
+      if (!kBackward) {
+        wl += wv > acc_t(0) ? wv * block_logp<acc_t>(m, s) : V{};
+        continue;
+      }
+      const V omega = wv * inv_total;
+      omega_sum += omega;
+      const V os = omega != acc_t(0) ? omega / s : V{};
+      for (int64_t k = 0; k < K; ++k) {
+        V z = gmm_z<V, V>(xv, comp[k]);
+        z = z > kBig ? V{} + kBig : z;  // see gmm_rows: keeps 0·z = 0 where z overflows
+        z = z < -kBig ? V{} - kBig : z;
+        gmm_accumulate(sums[k], os * e[k], z);
+      }
+    }
+    if (!kBackward) {
+      const V loss = -wl * inv_total;
+      for (int64_t j = 0; j < W; ++j) {
+        a.loss[r0 + j] = loss[j];
+        a.total[r0 + j] = total[j];
+      }
+      continue;
+    }
+    const V g = simd_load(a.grad_rows + r0);
+    for (int64_t k = 0; k < K; ++k) {
+      const V pi = vexp(simd_load(L + k * W) - log_norm);
+      const GmmComponentGrad<V> gr = gmm_component_grad<V>(sums[k], pi, omega_sum, comp[k].inv_sigma, g);
+      for (int64_t j = 0; j < W; ++j) {
+        a.dlogits[(r0 + j) * K + k] = gr.dlogit[j];
+        a.dmu[(r0 + j) * K + k] = gr.dmu[j];
+        a.dlog_sigma[(r0 + j) * K + k] = gr.dlog_sigma[j];
+      }
+    }
+  }
+  if (r0 < b1) gmm_rows(dir, kc, a, r0, b1);
+}
+
+PREFCORE_ISA_CLONES(gmm_tiles_isa, gmm_tiles)
+
 // ---- launchers ----------------------------------------------------------------------------
 
 template <typename acc_t>
@@ -359,13 +493,18 @@ void run_rows(const GmmInputs& p, GmmArgs<acc_t>& a, std::atomic<int64_t>& first
     }
   }
   const Isa isa = active_isa();
-  // The paper's K = 3 (and its neighbours) get unrolled kernels; other K the generic one.
-  at::parallel_for(0, p.B, grain_for(p), [&](int64_t b0, int64_t b1) {
+  // The paper's K = 3 (and its neighbours) get unrolled kernels; other K the generic one. Few
+  // points per row (and no grid normalisation) put rows across the SIMD lanes instead.
+  const bool tiles = !p.normalize && p.P <= kMaxTilePoints && p.K >= 2 && p.K <= 4;
+  at::parallel_for(0, p.B, tiles ? std::max<int64_t>(grain_for(p), 64) : grain_for(p), [&](int64_t b0, int64_t b1) {
     const std::bool_constant<kBackward> dir{};
-    switch (p.K) {
-      case 2: gmm_rows_isa(isa, dir, std::integral_constant<int, 2>{}, a, b0, b1); break;
-      case 3: gmm_rows_isa(isa, dir, std::integral_constant<int, 3>{}, a, b0, b1); break;
-      case 4: gmm_rows_isa(isa, dir, std::integral_constant<int, 4>{}, a, b0, b1); break;
+    switch (tiles ? p.K : -p.K) {
+      case 2: gmm_tiles_isa(isa, dir, std::integral_constant<int, 2>{}, a, b0, b1); break;
+      case 3: gmm_tiles_isa(isa, dir, std::integral_constant<int, 3>{}, a, b0, b1); break;
+      case 4: gmm_tiles_isa(isa, dir, std::integral_constant<int, 4>{}, a, b0, b1); break;
+      case -2: gmm_rows_isa(isa, dir, std::integral_constant<int, 2>{}, a, b0, b1); break;
+      case -3: gmm_rows_isa(isa, dir, std::integral_constant<int, 3>{}, a, b0, b1); break;
+      case -4: gmm_rows_isa(isa, dir, std::integral_constant<int, 4>{}, a, b0, b1); break;
       default: gmm_rows_isa(isa, dir, std::integral_constant<int, 0>{}, a, b0, b1); break;
     }
   });

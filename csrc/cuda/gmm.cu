@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cfloat>
 #include <cmath>
 
 #include "common.h"
@@ -186,7 +187,8 @@ __global__ void gmm_backward_kernel(GmmKernelArgs<acc_t> a) {
   const acc_t lse = a.normalize ? points_logsumexp(a, b, comp, lane) : acc_t(0);
   const acc_t inv_total = acc_t(1) / total;
   const acc_t g = a.grad_rows[b];
-  constexpr acc_t kBig = sizeof(acc_t) >= 8 ? acc_t(1.7976931348623157e308) : acc_t(3.402823466e38f);
+  // The largest finite value of acc_t (selected in double, so float never sees DBL_MAX).
+  const acc_t kBig = static_cast<acc_t>(sizeof(acc_t) >= 8 ? DBL_MAX : double(FLT_MAX));
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     GmmGradSums<acc_t> sums[kChunk];
 #pragma unroll

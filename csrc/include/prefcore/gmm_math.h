@@ -12,7 +12,9 @@
 // (Σ_k R_k = Σ_g ω_g because responsibilities sum to 1). No (B, K, G) tensor is ever needed.
 //
 // T is the value type (a scalar, or a CPU SIMD vector of E) and E its element type, as in
-// quantile_math.h: only arithmetic with E scalars is used so both work.
+// quantile_math.h: only arithmetic with E scalars is used so both work. The CPU kernel for
+// small point sets also instantiates the component and gradient helpers with E a SIMD vector
+// (one row per lane).
 #include <cmath>
 
 #include "prefcore/macros.h"
@@ -71,10 +73,11 @@ PREFCORE_HD T gmm_z(T x, const GmmComponent<E>& c) {
   return (x - c.mu) * c.inv_sigma;
 }
 
-// a_k(x) from z_k(x).
-template <typename T, typename E>
+// a_k(x) from z_k(x). S is the scalar element type (E itself unless the component holds SIMD
+// values, one row per lane).
+template <typename T, typename E, typename S = E>
 PREFCORE_HD T gmm_log_term(T z, const GmmComponent<E>& c) {
-  return c.log_coef - E(0.5) * z * z;
+  return c.log_coef - S(0.5) * z * z;
 }
 
 // Per-component sums of one row's backward (see the header comment).
