@@ -5,7 +5,8 @@
 // max-shifted exps give the mixture log-density (forward) or the responsibilities, which are
 // folded straight into three sums per component (backward). Nothing of size (B, K, G) exists:
 // per thread the scratch is the row's points, weights and (normalize_grid) log-densities, plus
-// O(K) SIMD blocks.
+// O(K) SIMD blocks. With few points per row (raw annotator scores) gmm_tiles puts W rows
+// across the lanes instead, so no lane idles and the per-row set-up is vectorised too.
 //
 // The parameters are (B, K), tiny next to the (B, G) weights, so half/bfloat16 parameters are
 // widened to float32 once up front and the row kernels exist only for the two accumulation
