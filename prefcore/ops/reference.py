@@ -77,4 +77,34 @@ def exp_utility(
 # ---- Gaussian-mixture family (DESIGN §3.2) ----------------------------------------------
 
 
+def gmm_nll(
+    logits: torch.Tensor,
+    mu: torch.Tensor,
+    log_sigma: torch.Tensor,
+    points: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    normalize_grid: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Reference of :func:`prefcore.ops.gmm_nll`; builds the ``(*, K, G|N)`` broadcast."""
+    dtype = logits.dtype
+    x = points.to(dtype)
+    log_pi = torch.log_softmax(logits, dim=-1)
+    z = (x.unsqueeze(-2) - mu.unsqueeze(-1)) / torch.exp(log_sigma).unsqueeze(-1)  # (*, K, P)
+    comp = (log_pi - log_sigma - 0.5 * math.log(2 * math.pi)).unsqueeze(-1) - 0.5 * z * z
+    log_p = torch.logsumexp(comp, dim=-2)  # (*, P)
+    if normalize_grid:
+        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+    w = torch.ones_like(log_p) if weights is None else weights.to(dtype).expand_as(log_p)
+    total = w.sum(-1)
+    has_weight = total > 0
+    row = -(w * log_p).sum(-1) / torch.where(has_weight, total, torch.ones_like(total))
+    if reduction == "none":
+        return row
+    if reduction == "sum":
+        return row.sum()
+    return row.sum() / has_weight.sum().clamp_min(1).to(dtype)
+
+
 # ---- KL-penalised advantages (DESIGN §3.4) ----------------------------------------------

@@ -1,0 +1,139 @@
+#pragma once
+// Argument validation of the Gaussian-mixture op family, shared by the CPU and CUDA launchers.
+//
+// prepare_gmm checks shapes, dtypes and devices (no data access). check_gmm_values checks the
+// values (finite parameters, log σ above kMinLogSigma, finite points, finite non-negative
+// weights with a finite row sum) with tensor reductions that work on either device; the CPU
+// kernel detects bad values in its own pass and calls it only to produce the message.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/any.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/logical_not.h>
+#include <ATen/ops/lt.h>
+#include <ATen/ops/nonzero.h>
+#include <ATen/ops/sum.h>
+
+#include <optional>
+#include <sstream>
+#include <string>
+
+#include "common.h"
+#include "prefcore/gmm_math.h"
+
+namespace prefcore {
+
+struct GmmInputs {
+  at::Tensor logits, mu, log_sigma;  // (B, K), contiguous, the parameters' dtype
+  at::Tensor points;                 // (G,) shared or (B, N) per-row, accumulation dtype, any strides
+  at::Tensor weights;                // (B, P) accumulation dtype, any strides; undefined = uniform
+  int64_t B, K, P;
+  bool per_row, normalize;
+};
+
+inline GmmInputs prepare_gmm(const at::Tensor& logits, const at::Tensor& mu, const at::Tensor& log_sigma,
+                             const at::Tensor& points, const std::optional<at::Tensor>& weights,
+                             bool normalize_grid) {
+  check_floating(logits, "logits");
+  check_dim(logits, 2, "logits");
+  const int64_t B = logits.size(0), K = logits.size(1);
+  TORCH_CHECK(K >= 1, "logits must have at least one component (K >= 1), got shape ", logits.sizes());
+  check_dim(mu, 2, "mu");
+  check_dim(log_sigma, 2, "log_sigma");
+  TORCH_CHECK(mu.sizes() == logits.sizes(), "mu must have the shape of logits (B, K) = ", logits.sizes(),
+              ", got ", mu.sizes());
+  TORCH_CHECK(log_sigma.sizes() == logits.sizes(), "log_sigma must have the shape of logits (B, K) = ",
+              logits.sizes(), ", got ", log_sigma.sizes());
+  check_dtype(mu, logits.scalar_type(), "mu", "the dtype of logits");
+  check_dtype(log_sigma, logits.scalar_type(), "log_sigma", "the dtype of logits");
+  check_same_device(mu, logits, "mu", "logits");
+  check_same_device(log_sigma, logits, "log_sigma", "logits");
+
+  const auto acc = opmath_dtype(logits);
+  TORCH_CHECK(points.dim() == 1 || points.dim() == 2,
+              "points must be 1-D (G,) (a grid shared by all rows) or 2-D (B, N) (per-row points), got shape ",
+              points.sizes());
+  const bool per_row = points.dim() == 2;
+  if (per_row) check_size(points, 0, B, "points", "logits.size(0) (per-row points (B, N))");
+  const int64_t P = points.size(-1);
+  TORCH_CHECK(P >= 1, "points must hold at least one point per row, got shape ", points.sizes());
+  check_dtype(points, acc, "points", "the accumulation dtype of logits");
+  check_same_device(points, logits, "points", "logits");
+  TORCH_CHECK(!(normalize_grid && per_row),
+              "normalize_grid=True needs one grid shared by all rows (points of shape (G,)), got per-row "
+              "points of shape ", points.sizes());
+
+  GmmInputs p{logits.contiguous(), mu.contiguous(), log_sigma.contiguous(), points, at::Tensor(),
+              B, K, P, per_row, normalize_grid};
+  if (weights.has_value() && weights->defined()) {
+    const auto& w = *weights;
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == B && w.size(1) == P, "weights must have shape (B, ",
+                per_row ? "N" : "G", ") = (", B, ", ", P, ") (already broadcast), got ", w.sizes());
+    check_dtype(w, acc, "weights", "the accumulation dtype of logits");
+    check_same_device(w, logits, "weights", "logits");
+    p.weights = w;
+  }
+  return p;
+}
+
+// "name must be …, got v at row r (column c)" for the first element of `bad` (a bool mask of t).
+inline std::string describe_first(const at::Tensor& t, const at::Tensor& bad, const char* name,
+                                  const char* what, const char* col_name) {
+  const at::Tensor idx = at::nonzero(bad).select(0, 0).cpu();
+  std::ostringstream msg;
+  msg << name << " must be " << what << ", got ";
+  if (t.dim() == 2) {
+    const int64_t r = idx[0].item<int64_t>(), c = idx[1].item<int64_t>();
+    msg << t.select(0, r).select(0, c).item<double>() << " at row " << r << " (" << col_name << " " << c << ")";
+  } else {
+    const int64_t c = idx[0].item<int64_t>();
+    msg << t.select(0, c).item<double>() << " at " << col_name << " " << c;
+  }
+  return msg.str();
+}
+
+inline void check_finite_values(const at::Tensor& t, const char* name, const char* col_name) {
+  if (t.numel() == 0) return;
+  const at::Tensor bad = at::logical_not(at::isfinite(t));
+  if (bad.any().item<bool>()) TORCH_CHECK(false, describe_first(t, bad, name, "finite", col_name));
+}
+
+// Raises the first value error of p (parameters, then points, then weights); returns if none.
+inline void check_gmm_values(const GmmInputs& p) {
+  check_finite_values(p.logits, "logits", "component");
+  check_finite_values(p.mu, "mu", "component");
+  check_finite_values(p.log_sigma, "log_sigma", "component");
+  if (p.log_sigma.numel() > 0) {
+    const double lo = p.log_sigma.scalar_type() == at::kDouble ? kMinLogSigma<double> : kMinLogSigma<float>;
+    const at::Tensor small = at::lt(p.log_sigma, lo);
+    if (small.any().item<bool>()) {
+      std::ostringstream what;
+      what << ">= " << lo << " (1/sigma = exp(-log_sigma) must be finite in the accumulation dtype)";
+      TORCH_CHECK(false, describe_first(p.log_sigma, small, "log_sigma", what.str().c_str(), "component"));
+    }
+  }
+  check_finite_values(p.points, "points", "point");
+  if (p.weights.defined() && p.weights.numel() > 0) {
+    const at::Tensor bad = at::logical_not(at::isfinite(p.weights)).logical_or_(at::lt(p.weights, 0.0));
+    if (bad.any().item<bool>()) {
+      TORCH_CHECK(false, describe_first(p.weights, bad, "weights", "finite and non-negative", "point"));
+    }
+    const at::Tensor totals = at::sum(p.weights, {1});
+    const at::Tensor inf_total = at::logical_not(at::isfinite(totals));
+    if (inf_total.any().item<bool>()) {
+      const int64_t r = at::nonzero(inf_total).select(0, 0).cpu()[0].item<int64_t>();
+      TORCH_CHECK(false, "weights must have a finite sum per row (each row is normalised to sum 1), "
+                  "got a sum that overflows at row ", r);
+    }
+  }
+}
+
+// The upstream gradient of the backward op: (B,) in the accumulation dtype, on logits' device.
+inline at::Tensor checked_gmm_grad_rows(const at::Tensor& grad_rows, const GmmInputs& p) {
+  check_dim(grad_rows, 1, "grad_rows");
+  check_size(grad_rows, 0, p.B, "grad_rows", "logits.size(0)");
+  check_dtype(grad_rows, opmath_dtype(p.logits), "grad_rows", "the accumulation dtype of logits");
+  check_same_device(grad_rows, p.logits, "grad_rows", "logits");
+  return grad_rows.contiguous();
+}
+
+}  // namespace prefcore
