@@ -379,6 +379,12 @@ def test_opcheck():
     torch.library.opcheck(op, (lp, rf, mask, scores, None, 0.1, 0, 0, 4, 1.0, 1.0, False, None))
     torch.library.opcheck(op, (lp, rf, mask.to(torch.uint8), scores, None, 0.1, 2, 1, 2, 1.0, 1.0, True, 0.5))
     torch.library.opcheck(op, (lp.double(), rf.double(), mask, scores.double(), values.double(), 0.1, 3, 2, 0, 0.9, 0.8, True, None))
+    # outputs of >= 2 MiB take the huge-page-aligned allocation path: still four separate storages
+    big = make_inputs(512, 1024, seed=0, garbage=False)
+    torch.library.opcheck(op, (big[0], big[1], big[2], big[3], big[4], 0.1, 0, 2, 0, 1.0, 0.95, False, None))
+    out = op(big[0], big[1], big[2], big[3], None, 0.1, 0, 0, 4, 1.0, 1.0, False, None)
+    assert all(o.is_contiguous() and o.shape == (512, 1024) for o in out)
+    assert len({o.untyped_storage().data_ptr() for o in out}) == 4
     torch.library.opcheck(torch.ops.prefcore.masked_whiten, (values, mask, True, True))
     torch.library.opcheck(torch.ops.prefcore.masked_whiten, (values.half(), mask, False, False))
 
