@@ -249,6 +249,48 @@ def test_empty_shapes_and_grad_inputs():
     assert not any(o.requires_grad for o in out)  # no autograd: inputs are constants
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("t", [1, 255, 256, 300, 1000])
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_matches_cpu_across_chunk_boundaries(t, mode):
+    # T around the CUDA GAE chunk (32 lanes × 8 tokens = 256); B not a multiple of the 8 rows per block.
+    lp, rf, mask, scores, values = make_inputs(36, t, seed=t)
+    mask[0, 0] = mask[2, 0] = True  # at least 2 valid tokens even for T = 1
+    lp[0, 0] = rf[0, 0] = lp[2, 0] = rf[2, 0] = -1.0
+    values[0, 0] = values[2, 0] = 0.5
+    for estimator in ESTIMATORS:
+        for whiten in (False, True):
+            kw = kwargs_for(mode, k=4, estimator=estimator, whiten=whiten, kl_clamp=1.0,
+                            values=values if mode == "gae" else None)
+            cpu = prefcore.ops.kl_penalized_advantages(lp, rf, mask, scores, **kw)
+            kw_cuda = {**kw, "values": values.cuda() if mode == "gae" else None}
+            gpu = prefcore.ops.kl_penalized_advantages(lp.cuda(), rf.cuda(), mask.cuda(), scores.cuda(), **kw_cuda)
+            for name, a, b in zip(cpu._fields, cpu, gpu):
+                assert b.is_cuda and b.dtype == torch.float32
+                assert_close_f32(b.cpu(), a.double(), scale=2.0, what=f"{name} {estimator} whiten={whiten}")
+
+
+@pytest.mark.cuda
+def test_cuda_value_errors_and_determinism():
+    lp, rf, mask, scores, values = make_inputs(8, 700, seed=3, device="cuda")
+    with pytest.raises(ValueError, match=r"mask must be bool or hold only 0 and 1"):
+        prefcore.ops.kl_penalized_advantages(lp, rf, mask.float() * 0.5, scores, kl_coef=0.1, group_size=2)
+    one = torch.zeros_like(mask)
+    one[0, 0] = True
+    with pytest.raises(ValueError, match=r"whiten=True needs at least 2 valid tokens \(mask has 1\)"):
+        prefcore.ops.kl_penalized_advantages(lp, rf, one, scores, kl_coef=0.1, mode="gae", values=values, whiten=True)
+    with pytest.raises(ValueError, match=r"masked_whiten needs at least 2 valid tokens \(mask has 1\)"):
+        prefcore.ops.masked_whiten(values, one)
+    kw = kwargs_for("gae", whiten=True, values=values)
+    a = prefcore.ops.kl_penalized_advantages(lp, rf, mask, scores, **kw)
+    b = prefcore.ops.kl_penalized_advantages(lp, rf, mask, scores, **kw)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    x = torch.randn(3, 50000, device="cuda")
+    m = torch.rand(3, 50000, device="cuda") > 0.5
+    assert torch.equal(prefcore.ops.masked_whiten(x, m), prefcore.ops.masked_whiten(x, m))
+
+
 # ---- closed forms -------------------------------------------------------------------------------
 
 def test_gae_gamma_lambda_one_is_reverse_cumsum_minus_value():
