@@ -69,14 +69,14 @@ PREFCORE_ALWAYS_INLINE Simd<acc_t> load_as(const scalar_t* p) {
   }
 }
 
-// W mask bytes as 1/0 lanes.
+// A mask row as 1/0 values of the accumulation dtype, for SIMD loads. GCC turns a plain
+// byte→float loop into vector zero-extensions and conversions, whereas converting one SIMD
+// block at a time (lane loop or __builtin_convertvector) compiled to W scalar conversions and
+// inserts per block. The row buffer is per thread and stays in L1.
 template <typename acc_t>
-PREFCORE_ALWAYS_INLINE Simd<acc_t> load_mask(const bool* p) {
-  unsigned char bytes[kLanes<acc_t>];
-  std::memcpy(bytes, p, sizeof(bytes));
-  Simd<acc_t> v;
-  for (int64_t j = 0; j < kLanes<acc_t>; ++j) v[j] = static_cast<acc_t>(bytes[j]);
-  return v;
+PREFCORE_ALWAYS_INLINE void mask_row_lanes(const bool* __restrict mk, int64_t T, acc_t* __restrict out) {
+  const unsigned char* m = reinterpret_cast<const unsigned char*>(mk);
+  for (int64_t t = 0; t < T; ++t) out[t] = static_cast<acc_t>(m[t]);
 }
 
 template <typename acc_t>
@@ -113,11 +113,11 @@ struct RowSums {
 };
 
 // One pass over row b: kl_t (0 where masked) → a.kl; r_t = −kl_coef·kl_t + score·1[t = last]
-// → a.tr (kToScratch = false) or, in the accumulation dtype, → scratch (kToScratch = true, for
-// the GAE scan that follows). Returns Σ r_t and the valid count.
+// → a.tr, and with kToScratch also in the accumulation dtype → scratch (for the GAE scan that
+// follows). `lanes` is a per-thread row buffer. Returns Σ r_t and the valid count.
 template <KlEstimator kEst, bool kToScratch, typename scalar_t, typename acc_t>
 PREFCORE_ALWAYS_INLINE RowSums kl_rewards_row(const AdvArgs<scalar_t, acc_t>& a, int64_t b,
-                                              acc_t* __restrict scratch) {
+                                              acc_t* __restrict scratch, acc_t* __restrict lanes) {
   using V = Simd<acc_t>;
   constexpr int64_t W = kLanes<acc_t>;
   const int64_t T = a.T;
@@ -126,26 +126,27 @@ PREFCORE_ALWAYS_INLINE RowSums kl_rewards_row(const AdvArgs<scalar_t, acc_t>& a,
   const bool* mk = a.mask + b * T;
   float* kl_out = a.kl + b * T;
   float* tr_out = a.tr + b * T;
+  mask_row_lanes(mk, T, lanes);
   const int64_t last = last_valid(mk, T);
   const acc_t score = a.scores[b];
+  // Local copies: stores through float* may alias a's float members, which would otherwise be
+  // reloaded on every iteration.
+  const acc_t kl_coef = a.kl_coef, clamp = a.clamp;
   V vsum{}, vcnt{};
   int64_t t = 0;
   for (; t + W <= T; t += W) {
     const V d = load_as<acc_t>(lp + t) - load_as<acc_t>(rf + t);
-    const V m = load_mask<acc_t>(mk + t);
-    V kl = kl_clamp<V, acc_t>(kl_estimate<kEst, V, acc_t>(d, exp_neg_for<kEst>(d)), a.clamp);
+    const V m = simd_load(lanes + t);
+    V kl = kl_clamp<V, acc_t>(kl_estimate<kEst, V, acc_t>(d, exp_neg_for<kEst>(d)), clamp);
     kl = m != acc_t(0) ? kl : V{};  // select, not multiply: masked d may be ±inf/NaN
     V bonus{};
     if (last >= t && last < t + W) bonus[last - t] = score;
-    const V r = m != acc_t(0) ? bonus - a.kl_coef * kl : V{};
+    const V r = m != acc_t(0) ? bonus - kl_coef * kl : V{};
     vsum += r;
     vcnt += m;
     store_float<acc_t>(kl_out + t, kl);
-    if constexpr (kToScratch) {
-      simd_store(scratch + t, r);
-    } else {
-      store_float<acc_t>(tr_out + t, r);
-    }
+    store_float<acc_t>(tr_out + t, r);
+    if constexpr (kToScratch) simd_store(scratch + t, r);
   }
   acc_t sum = simd_sum<acc_t>(vsum);
   int64_t count = static_cast<int64_t>(simd_sum<acc_t>(vcnt));
@@ -153,17 +154,14 @@ PREFCORE_ALWAYS_INLINE RowSums kl_rewards_row(const AdvArgs<scalar_t, acc_t>& a,
     acc_t kl = acc_t(0), r = acc_t(0);
     if (mk[t]) {
       const acc_t d = static_cast<acc_t>(lp[t]) - static_cast<acc_t>(rf[t]);
-      kl = kl_clamp<acc_t, acc_t>(kl_estimate<kEst, acc_t, acc_t>(d, exp_neg_for<kEst>(d)), a.clamp);
-      r = (t == last ? score : acc_t(0)) - a.kl_coef * kl;
+      kl = kl_clamp<acc_t, acc_t>(kl_estimate<kEst, acc_t, acc_t>(d, exp_neg_for<kEst>(d)), clamp);
+      r = (t == last ? score : acc_t(0)) - kl_coef * kl;
       ++count;
     }
     sum += r;
     kl_out[t] = static_cast<float>(kl);
-    if constexpr (kToScratch) {
-      scratch[t] = r;
-    } else {
-      tr_out[t] = static_cast<float>(r);
-    }
+    tr_out[t] = static_cast<float>(r);
+    if constexpr (kToScratch) scratch[t] = r;
   }
   return RowSums{static_cast<double>(sum), count};
 }
@@ -171,12 +169,13 @@ PREFCORE_ALWAYS_INLINE RowSums kl_rewards_row(const AdvArgs<scalar_t, acc_t>& a,
 // out[t] = mask[t] ? value : 0 (and out2 likewise with value2) over one row.
 PREFCORE_ALWAYS_INLINE void broadcast_row(const bool* __restrict mk, int64_t T, float value,
                                           float* __restrict out, float value2,
-                                          float* __restrict out2) {
+                                          float* __restrict out2, float* __restrict lanes) {
+  mask_row_lanes(mk, T, lanes);
   using V = Simd<float>;
   constexpr int64_t W = kLanes<float>;
   int64_t t = 0;
   for (; t + W <= T; t += W) {
-    const V m = load_mask<float>(mk + t);
+    const V m = simd_load(lanes + t);
     simd_store(out + t, m != 0.f ? V{} + value : V{});
     simd_store(out2 + t, m != 0.f ? V{} + value2 : V{});
   }
@@ -193,11 +192,13 @@ PREFCORE_ALWAYS_INLINE void group_rows(EstTag<kEst>, const AdvArgs<scalar_t, acc
                                        int64_t g1) {
   const int64_t k = a.k, T = a.T;
   std::vector<double> R(static_cast<size_t>(k));
+  std::vector<acc_t> lanes(static_cast<size_t>(T));
+  std::vector<float> flanes(static_cast<size_t>(T));
   std::vector<int64_t> count(static_cast<size_t>(k));
   for (int64_t g = g0; g < g1; ++g) {
     double total = 0.0;
     for (int64_t j = 0; j < k; ++j) {
-      const RowSums s = kl_rewards_row<kEst, false>(a, g * k + j, static_cast<acc_t*>(nullptr));
+      const RowSums s = kl_rewards_row<kEst, false>(a, g * k + j, static_cast<acc_t*>(nullptr), lanes.data());
       R[j] = s.reward_sum;  // an empty row has R = 0 and still counts in the baseline
       count[j] = s.count;
       total += s.reward_sum;
@@ -217,7 +218,7 @@ PREFCORE_ALWAYS_INLINE void group_rows(EstTag<kEst>, const AdvArgs<scalar_t, acc
       if (a.moments != nullptr) a.moments[b] = Moments<double>{static_cast<double>(count[j]), A, 0.0};
       if (!a.whiten) {
         const float Af = static_cast<float>(A);
-        broadcast_row(a.mask + b * T, T, Af, a.adv + b * T, Af, a.ret + b * T);
+        broadcast_row(a.mask + b * T, T, Af, a.adv + b * T, Af, a.ret + b * T, flanes.data());
       }
     }
   }
@@ -228,15 +229,15 @@ template <KlEstimator kEst, typename scalar_t, typename acc_t>
 PREFCORE_ALWAYS_INLINE void gae_rows(EstTag<kEst>, const AdvArgs<scalar_t, acc_t>& a, int64_t b0,
                                      int64_t b1) {
   const int64_t T = a.T;
-  std::vector<acc_t> scratch(static_cast<size_t>(T));
+  std::vector<acc_t> scratch(static_cast<size_t>(T)), lanes(static_cast<size_t>(T));
   acc_t* __restrict r = scratch.data();
   for (int64_t b = b0; b < b1; ++b) {
-    const RowSums s = kl_rewards_row<kEst, true>(a, b, r);
+    const RowSums s = kl_rewards_row<kEst, true>(a, b, r, lanes.data());
     const bool* mk = a.mask + b * T;
     const scalar_t* vr = a.values + b * T;
     float* adv = a.adv + b * T;
     float* ret = a.ret + b * T;
-    float* tr = a.tr + b * T;
+    const acc_t gamma = a.gamma, gamma_lam = a.gamma_lam;
     GaeState<acc_t> st{acc_t(0), acc_t(0)};
     double sum = 0.0;
     // Branch-free: a masked token computes a candidate step and discards it (select), so
@@ -244,12 +245,11 @@ PREFCORE_ALWAYS_INLINE void gae_rows(EstTag<kEst>, const AdvArgs<scalar_t, acc_t
     for (int64_t t = T - 1; t >= 0; --t) {
       const bool m = mk[t];
       const acc_t v = m ? static_cast<acc_t>(vr[t]) : acc_t(0);
-      const GaeState<acc_t> next = gae_step<acc_t, acc_t>(st, r[t], v, a.gamma, a.gamma_lam);
+      const GaeState<acc_t> next = gae_step<acc_t, acc_t>(st, r[t], v, gamma, gamma_lam);
       st = m ? next : st;
       const float A = m ? static_cast<float>(next.g) : 0.f;
       adv[t] = A;
       ret[t] = m ? static_cast<float>(next.g + v) : 0.f;
-      tr[t] = static_cast<float>(r[t]);
       sum += A;
     }
     if (a.moments != nullptr) {
@@ -267,14 +267,15 @@ PREFCORE_ALWAYS_INLINE void gae_rows(EstTag<kEst>, const AdvArgs<scalar_t, acc_t
 
 // x[t] ← mask[t] ? (x[t] − μ)·s + add : 0 over one float row (in place).
 PREFCORE_ALWAYS_INLINE void whiten_row_inplace(const bool* __restrict mk, int64_t T, float* __restrict x,
-                                               const WhitenAffine<double>& w) {
+                                               const WhitenAffine<double>& w, float* __restrict lanes) {
+  mask_row_lanes(mk, T, lanes);
   using V = Simd<float>;
   constexpr int64_t W = kLanes<float>;
   const float mean = static_cast<float>(w.mean), scale = static_cast<float>(w.scale),
               add = static_cast<float>(w.add_back);
   int64_t t = 0;
   for (; t + W <= T; t += W) {
-    const V m = load_mask<float>(mk + t);
+    const V m = simd_load(lanes + t);
     const V y = (simd_load(x + t) - mean) * scale + add;
     simd_store(x + t, m != 0.f ? y : V{});
   }
@@ -361,13 +362,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_penalized_advantag
     const bool* mk = a.mask;
     const int64_t T = p.T;
     at::parallel_for(0, p.B, grain_rows(T), [&](int64_t b0, int64_t b1) {
+      std::vector<float> flanes(static_cast<size_t>(T));
       for (int64_t b = b0; b < b1; ++b) {
         if (gae) {
-          whiten_row_inplace(mk + b * T, T, a.adv + b * T, w);
+          whiten_row_inplace(mk + b * T, T, a.adv + b * T, w, flanes.data());
         } else {  // returns keep the un-whitened A
           const double A = static_cast<double>(row_value[b]);
           const float Aw = static_cast<float>((A - w.mean) * w.scale);
-          broadcast_row(mk + b * T, T, Aw, a.adv + b * T, static_cast<float>(A), a.ret + b * T);
+          broadcast_row(mk + b * T, T, Aw, a.adv + b * T, static_cast<float>(A), a.ret + b * T, flanes.data());
         }
       }
     });
