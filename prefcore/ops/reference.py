@@ -79,13 +79,13 @@ def exp_utility(
 
 # ---- KL-penalised advantages (DESIGN §3.4) ----------------------------------------------
 
+from prefcore.ops.advantages import Advantages  # noqa: E402  (the op's result type, shared)
+
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 ADVANTAGE_MODES = ("rloo", "grpo", "gae")
 WHITEN_EPS = 1e-8
 GRPO_EPS = 1e-6
 
-
-from prefcore.ops.advantages import Advantages  # noqa: E402  (the op's result type, shared)
 
 def kl_penalty(
     logprobs: torch.Tensor,
