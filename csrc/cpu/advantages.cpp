@@ -1,0 +1,440 @@
+// CPU kernels of kl_penalized_advantages and masked_whiten (DESIGN §3.4).
+//
+// rloo/grpo: at::parallel_for over prompt groups. Per row, one SIMD pass computes the masked
+// KL estimate, the token rewards (score added on the last valid token) and R = Σ_t r_t; the
+// group's baseline then gives A per row, broadcast over the row's valid tokens.
+// gae: at::parallel_for over rows. Per row, one SIMD pass for KL and rewards into a row
+// scratch (accumulation dtype), then one reverse pass for the GAE scan.
+// whiten: per-row moments (count, mean, Σ(x − mean)²) in float64, merged serially in row order
+// (deterministic whatever the thread count), then a parallel pass applies (A − μ)/sqrt(σ² + ε).
+// Inputs in any floating dtype; maths in at::opmath_type (float64 for float64); outputs float32.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "advantage_checks.h"
+#include "common.h"
+#include "cpu/isa.h"
+#include "cpu/simd.h"
+#include "cpu/vec_math.h"
+#include "prefcore/advantage_math.h"
+
+namespace prefcore::cpu {
+namespace {
+
+template <KlEstimator kEst>
+using EstTag = std::integral_constant<KlEstimator, kEst>;
+
+template <typename scalar_t, typename acc_t>
+struct AdvArgs {
+  const scalar_t* logprobs;  // (B, T)
+  const scalar_t* ref;       // (B, T)
+  const bool* mask;          // (B, T)
+  const acc_t* scores;       // (B,)
+  const scalar_t* values;    // (B, T) or nullptr (rloo/grpo)
+  int64_t T, k;
+  acc_t kl_coef, gamma, gamma_lam, clamp;
+  bool grpo, whiten;
+  float* adv;  // outputs, (B, T) each
+  float* ret;
+  float* tr;
+  float* kl;
+  acc_t* row_value;         // (B,) rloo/grpo: A per row
+  Moments<double>* moments;  // (B,) per-row moments when whitening, else nullptr
+};
+
+// W lanes of p, converted to the accumulation dtype.
+template <typename acc_t, typename scalar_t>
+PREFCORE_ALWAYS_INLINE Simd<acc_t> load_as(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return simd_load(p);
+  } else {
+    Simd<acc_t> v;
+    for (int64_t j = 0; j < kLanes<acc_t>; ++j) v[j] = static_cast<acc_t>(p[j]);
+    return v;
+  }
+}
+
+// A mask row as 1/0 values of the accumulation dtype, for SIMD loads. GCC turns a plain
+// byte→float loop into vector zero-extensions and conversions, whereas converting one SIMD
+// block at a time (lane loop or __builtin_convertvector) compiled to W scalar conversions and
+// inserts per block. The row buffer is per thread and stays in L1.
+template <typename acc_t>
+PREFCORE_ALWAYS_INLINE void mask_row_lanes(const bool* __restrict mk, int64_t T, acc_t* __restrict out) {
+  const unsigned char* m = reinterpret_cast<const unsigned char*>(mk);
+  for (int64_t t = 0; t < T; ++t) out[t] = static_cast<acc_t>(m[t]);
+}
+
+template <typename acc_t>
+PREFCORE_ALWAYS_INLINE void store_float(float* out, Simd<acc_t> v) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    simd_store(out, v);
+  } else {
+    for (int64_t j = 0; j < kLanes<acc_t>; ++j) out[j] = static_cast<float>(v[j]);
+  }
+}
+
+// exp(−d) where k3 needs it (a SIMD exp for SIMD values, libm for scalars), else unused.
+template <KlEstimator kEst, typename V>
+PREFCORE_ALWAYS_INLINE V exp_neg_for(V d) {
+  if constexpr (kEst != KlEstimator::kK3) {
+    return V{};
+  } else if constexpr (std::is_floating_point_v<V>) {
+    return std::exp(-d);
+  } else {
+    return vexp(-d);
+  }
+}
+
+// Index of the last valid token of a mask row, or −1.
+PREFCORE_ALWAYS_INLINE int64_t last_valid(const bool* m, int64_t T) {
+  int64_t t = T - 1;
+  while (t >= 0 && !m[t]) --t;
+  return t;
+}
+
+struct RowSums {
+  double reward_sum;  // R = Σ_t r_t
+  int64_t count;      // number of valid tokens
+};
+
+// One pass over row b: kl_t (0 where masked) → a.kl; r_t = −kl_coef·kl_t + score·1[t = last]
+// → a.tr, and with kToScratch also in the accumulation dtype → scratch (for the GAE scan that
+// follows). `lanes` is a per-thread row buffer. Returns Σ r_t and the valid count.
+template <KlEstimator kEst, bool kToScratch, typename scalar_t, typename acc_t>
+PREFCORE_ALWAYS_INLINE RowSums kl_rewards_row(const AdvArgs<scalar_t, acc_t>& a, int64_t b,
+                                              acc_t* __restrict scratch, acc_t* __restrict lanes) {
+  using V = Simd<acc_t>;
+  constexpr int64_t W = kLanes<acc_t>;
+  const int64_t T = a.T;
+  const scalar_t* lp = a.logprobs + b * T;
+  const scalar_t* rf = a.ref + b * T;
+  const bool* mk = a.mask + b * T;
+  float* kl_out = a.kl + b * T;
+  float* tr_out = a.tr + b * T;
+  mask_row_lanes(mk, T, lanes);
+  const int64_t last = last_valid(mk, T);
+  const acc_t score = a.scores[b];
+  // Local copies: stores through float* may alias a's float members, which would otherwise be
+  // reloaded on every iteration.
+  const acc_t kl_coef = a.kl_coef, clamp = a.clamp;
+  V vsum{}, vcnt{};
+  int64_t t = 0;
+  for (; t + W <= T; t += W) {
+    const V d = load_as<acc_t>(lp + t) - load_as<acc_t>(rf + t);
+    const V m = simd_load(lanes + t);
+    V kl = kl_clamp<V, acc_t>(kl_estimate<kEst, V, acc_t>(d, exp_neg_for<kEst>(d)), clamp);
+    kl = m != acc_t(0) ? kl : V{};  // select, not multiply: masked d may be ±inf/NaN
+    V bonus{};
+    if (last >= t && last < t + W) bonus[last - t] = score;
+    const V r = m != acc_t(0) ? bonus - kl_coef * kl : V{};
+    vsum += r;
+    vcnt += m;
+    store_float<acc_t>(kl_out + t, kl);
+    store_float<acc_t>(tr_out + t, r);
+    if constexpr (kToScratch) simd_store(scratch + t, r);
+  }
+  acc_t sum = simd_sum<acc_t>(vsum);
+  int64_t count = static_cast<int64_t>(simd_sum<acc_t>(vcnt));
+  for (; t < T; ++t) {
+    acc_t kl = acc_t(0), r = acc_t(0);
+    if (mk[t]) {
+      const acc_t d = static_cast<acc_t>(lp[t]) - static_cast<acc_t>(rf[t]);
+      kl = kl_clamp<acc_t, acc_t>(kl_estimate<kEst, acc_t, acc_t>(d, exp_neg_for<kEst>(d)), clamp);
+      r = (t == last ? score : acc_t(0)) - kl_coef * kl;
+      ++count;
+    }
+    sum += r;
+    kl_out[t] = static_cast<float>(kl);
+    tr_out[t] = static_cast<float>(r);
+    if constexpr (kToScratch) scratch[t] = r;
+  }
+  return RowSums{static_cast<double>(sum), count};
+}
+
+// out[t] = mask[t] ? value : 0 (and out2 likewise with value2) over one row.
+PREFCORE_ALWAYS_INLINE void broadcast_row(const bool* __restrict mk, int64_t T, float value,
+                                          float* __restrict out, float value2,
+                                          float* __restrict out2, float* __restrict lanes) {
+  mask_row_lanes(mk, T, lanes);
+  using V = Simd<float>;
+  constexpr int64_t W = kLanes<float>;
+  int64_t t = 0;
+  for (; t + W <= T; t += W) {
+    const V m = simd_load(lanes + t);
+    simd_store(out + t, m != 0.f ? V{} + value : V{});
+    simd_store(out2 + t, m != 0.f ? V{} + value2 : V{});
+  }
+  for (; t < T; ++t) {
+    out[t] = mk[t] ? value : 0.f;
+    out2[t] = mk[t] ? value2 : 0.f;
+  }
+}
+
+// rloo/grpo over groups [g0, g1): token rewards and KL, then A per row from the group's R.
+// Without whitening the advantages (= returns) are written here while the rows are hot.
+template <KlEstimator kEst, typename scalar_t, typename acc_t>
+PREFCORE_ALWAYS_INLINE void group_rows(EstTag<kEst>, const AdvArgs<scalar_t, acc_t>& a, int64_t g0,
+                                       int64_t g1) {
+  const int64_t k = a.k, T = a.T;
+  std::vector<double> R(static_cast<size_t>(k));
+  std::vector<acc_t> lanes(static_cast<size_t>(T));
+  std::vector<float> flanes(static_cast<size_t>(T));
+  std::vector<int64_t> count(static_cast<size_t>(k));
+  for (int64_t g = g0; g < g1; ++g) {
+    double total = 0.0;
+    for (int64_t j = 0; j < k; ++j) {
+      const RowSums s = kl_rewards_row<kEst, false>(a, g * k + j, static_cast<acc_t*>(nullptr), lanes.data());
+      R[j] = s.reward_sum;  // an empty row has R = 0 and still counts in the baseline
+      count[j] = s.count;
+      total += s.reward_sum;
+    }
+    double mean = 0.0, inv_std = 0.0;
+    if (a.grpo) {
+      mean = total / static_cast<double>(k);
+      double ss = 0.0;
+      for (int64_t j = 0; j < k; ++j) ss += (R[j] - mean) * (R[j] - mean);
+      inv_std = 1.0 / (std::sqrt(ss / static_cast<double>(k - 1)) + kGrpoEps);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t b = g * k + j;
+      // rloo: R_i − (Σ_g R − R_i)/(k − 1); grpo: (R_i − mean_g)/(std_g + ε).
+      const double A = a.grpo ? (R[j] - mean) * inv_std : R[j] - (total - R[j]) / static_cast<double>(k - 1);
+      a.row_value[b] = static_cast<acc_t>(A);
+      if (a.moments != nullptr) a.moments[b] = Moments<double>{static_cast<double>(count[j]), A, 0.0};
+      if (!a.whiten) {
+        const float Af = static_cast<float>(A);
+        broadcast_row(a.mask + b * T, T, Af, a.adv + b * T, Af, a.ret + b * T, flanes.data());
+      }
+    }
+  }
+}
+
+// gae over rows [b0, b1): KL and rewards into the scratch row, then the reverse scan.
+template <KlEstimator kEst, typename scalar_t, typename acc_t>
+PREFCORE_ALWAYS_INLINE void gae_rows(EstTag<kEst>, const AdvArgs<scalar_t, acc_t>& a, int64_t b0,
+                                     int64_t b1) {
+  const int64_t T = a.T;
+  std::vector<acc_t> scratch(static_cast<size_t>(T)), lanes(static_cast<size_t>(T));
+  acc_t* __restrict r = scratch.data();
+  for (int64_t b = b0; b < b1; ++b) {
+    const RowSums s = kl_rewards_row<kEst, true>(a, b, r, lanes.data());
+    const bool* mk = a.mask + b * T;
+    const scalar_t* vr = a.values + b * T;
+    float* adv = a.adv + b * T;
+    float* ret = a.ret + b * T;
+    const acc_t gamma = a.gamma, gamma_lam = a.gamma_lam;
+    GaeState<acc_t> st{acc_t(0), acc_t(0)};
+    double sum = 0.0;
+    // Branch-free: a masked token computes a candidate step and discards it (select), so
+    // garbage values under the mask never reach the state.
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const bool m = mk[t];
+      const acc_t v = m ? static_cast<acc_t>(vr[t]) : acc_t(0);
+      const GaeState<acc_t> next = gae_step<acc_t, acc_t>(st, r[t], v, gamma, gamma_lam);
+      st = m ? next : st;
+      const float A = m ? static_cast<float>(next.g) : 0.f;
+      adv[t] = A;
+      ret[t] = m ? static_cast<float>(next.g + v) : 0.f;
+      sum += A;
+    }
+    if (a.moments != nullptr) {
+      const double n = static_cast<double>(s.count);
+      const double mean = s.count > 0 ? sum / n : 0.0;
+      double m2 = 0.0;
+      for (int64_t t = 0; t < T; ++t) {
+        const double dv = mk[t] ? static_cast<double>(adv[t]) - mean : 0.0;
+        m2 += dv * dv;
+      }
+      a.moments[b] = Moments<double>{n, mean, m2};
+    }
+  }
+}
+
+// x[t] ← mask[t] ? (x[t] − μ)·s + add : 0 over one float row (in place).
+PREFCORE_ALWAYS_INLINE void whiten_row_inplace(const bool* __restrict mk, int64_t T, float* __restrict x,
+                                               const WhitenAffine<double>& w, float* __restrict lanes) {
+  mask_row_lanes(mk, T, lanes);
+  using V = Simd<float>;
+  constexpr int64_t W = kLanes<float>;
+  const float mean = static_cast<float>(w.mean), scale = static_cast<float>(w.scale),
+              add = static_cast<float>(w.add_back);
+  int64_t t = 0;
+  for (; t + W <= T; t += W) {
+    const V m = simd_load(lanes + t);
+    const V y = (simd_load(x + t) - mean) * scale + add;
+    simd_store(x + t, m != 0.f ? y : V{});
+  }
+  for (; t < T; ++t) x[t] = mk[t] ? (x[t] - mean) * scale + add : 0.f;
+}
+
+PREFCORE_ISA_CLONES(group_rows_isa, group_rows)
+PREFCORE_ISA_CLONES(gae_rows_isa, gae_rows)
+
+template <typename F>
+void with_estimator(KlEstimator e, F&& f) {
+  switch (e) {
+    case KlEstimator::kK1: f(EstTag<KlEstimator::kK1>{}); break;
+    case KlEstimator::kK2: f(EstTag<KlEstimator::kK2>{}); break;
+    case KlEstimator::kK3: f(EstTag<KlEstimator::kK3>{}); break;
+    case KlEstimator::kAbs: f(EstTag<KlEstimator::kAbs>{}); break;
+  }
+}
+
+Moments<double> merge_in_order(const std::vector<Moments<double>>& parts) {
+  Moments<double> total{0.0, 0.0, 0.0};
+  for (const auto& m : parts) total = merge_moments(total, m);
+  return total;
+}
+
+// A (B, T) float32 output. On the benchmark machine first-touching fresh 4 KiB pages cost ~90%
+// of writing an output (8 MB: ~2 ms fresh vs ~0.2 ms rewritten). An output of at least 2 MiB is
+// therefore allocated 2 MiB-aligned and its whole 2 MiB pages are advised to be transparent huge
+// pages (Linux "madvise" mode; advice only, values unaffected; cf. huge_pages.h, whose helper
+// can only use the aligned interior of an allocation). Each output owns its memory (outputs
+// must not alias each other) at storage offset 0, as the fake kernel says. Such a storage is
+// not resizable.
+at::Tensor alloc_output(int64_t B, int64_t T, const at::TensorOptions& opts) {
+  constexpr std::size_t kHuge = std::size_t(1) << 21;
+  const std::size_t bytes = static_cast<std::size_t>(B * T) * sizeof(float);
+  void* ptr = nullptr;
+  if (bytes < kHuge || posix_memalign(&ptr, kHuge, bytes) != 0) return at::empty({B, T}, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  (void)madvise(ptr, bytes & ~(kHuge - 1), MADV_HUGEPAGE);
+#endif
+  return at::from_blob(ptr, {B, T}, [](void* p) { std::free(p); }, opts);
+}
+
+// Rows per parallel task: about 16K tokens.
+int64_t grain_rows(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, T)); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_penalized_advantages_cpu(
+    const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& mask,
+    const at::Tensor& scores, const std::optional<at::Tensor>& values, double kl_coef,
+    int64_t estimator, int64_t mode, int64_t group_size, double gamma, double lam, bool whiten,
+    std::optional<double> kl_clamp) {
+  const AdvantageInputs p = prepare_advantages(logprobs, ref_logprobs, mask, scores, values, kl_coef,
+                                               estimator, mode, group_size, gamma, lam, whiten, kl_clamp);
+  const auto opts = p.logprobs.options().dtype(at::kFloat);
+  at::Tensor adv = alloc_output(p.B, p.T, opts), ret = alloc_output(p.B, p.T, opts),
+             tr = alloc_output(p.B, p.T, opts), kl = alloc_output(p.B, p.T, opts);
+  std::vector<Moments<double>> moments(whiten ? static_cast<size_t>(p.B) : 0);
+  const bool gae = p.mode == AdvantageMode::kGae;
+  const Isa isa = active_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logprobs.scalar_type(), "kl_penalized_advantages_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> row_value(gae ? 0 : static_cast<size_t>(p.B));
+    AdvArgs<scalar_t, acc_t> a{
+        p.logprobs.const_data_ptr<scalar_t>(), p.ref_logprobs.const_data_ptr<scalar_t>(),
+        p.mask.const_data_ptr<bool>(), p.scores.const_data_ptr<acc_t>(),
+        gae ? p.values.const_data_ptr<scalar_t>() : nullptr, p.T, p.group_size,
+        static_cast<acc_t>(p.kl_coef), static_cast<acc_t>(p.gamma), static_cast<acc_t>(p.gamma * p.lam),
+        static_cast<acc_t>(p.kl_clamp), p.mode == AdvantageMode::kGrpo, whiten,
+        adv.mutable_data_ptr<float>(), ret.mutable_data_ptr<float>(), tr.mutable_data_ptr<float>(),
+        kl.mutable_data_ptr<float>(), row_value.data(), whiten ? moments.data() : nullptr};
+    with_estimator(p.estimator, [&](auto est) {
+      if (gae) {
+        at::parallel_for(0, p.B, grain_rows(p.T), [&](int64_t b0, int64_t b1) { gae_rows_isa(isa, est, a, b0, b1); });
+      } else {
+        const int64_t groups = p.B / p.group_size;
+        at::parallel_for(0, groups, std::max<int64_t>(1, grain_rows(p.T) / p.group_size),
+                         [&](int64_t g0, int64_t g1) { group_rows_isa(isa, est, a, g0, g1); });
+      }
+    });
+    if (!whiten) return;
+    const Moments<double> total = merge_in_order(moments);
+    check_whiten_count(static_cast<int64_t>(total.n), true, "whiten=True");
+    const WhitenAffine<double> w = whiten_affine(total, true, true);
+    const bool* mk = a.mask;
+    const int64_t T = p.T;
+    at::parallel_for(0, p.B, grain_rows(T), [&](int64_t b0, int64_t b1) {
+      std::vector<float> flanes(static_cast<size_t>(T));
+      for (int64_t b = b0; b < b1; ++b) {
+        if (gae) {
+          whiten_row_inplace(mk + b * T, T, a.adv + b * T, w, flanes.data());
+        } else {  // returns keep the un-whitened A
+          const double A = static_cast<double>(row_value[b]);
+          const float Aw = static_cast<float>((A - w.mean) * w.scale);
+          broadcast_row(mk + b * T, T, Aw, a.adv + b * T, static_cast<float>(A), a.ret + b * T, flanes.data());
+        }
+      }
+    });
+  });
+  return {adv, ret, tr, kl};
+}
+
+// ---- masked_whiten ------------------------------------------------------------------------
+
+constexpr int64_t kWhitenChunk = 4096;  // fixed: the reduction order never depends on threads
+
+template <typename scalar_t>
+Moments<double> chunk_moments(const scalar_t* x, const bool* m, int64_t n) {
+  double sum = 0.0;
+  int64_t cnt = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (m[i]) {
+      sum += static_cast<double>(x[i]);
+      ++cnt;
+    }
+  }
+  if (cnt == 0) return Moments<double>{0.0, 0.0, 0.0};
+  const double mean = sum / static_cast<double>(cnt);
+  double m2 = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = m[i] ? static_cast<double>(x[i]) - mean : 0.0;
+    m2 += d * d;
+  }
+  return Moments<double>{static_cast<double>(cnt), mean, m2};
+}
+
+at::Tensor masked_whiten_cpu(const at::Tensor& x, const at::Tensor& mask, bool unbiased, bool shift_mean) {
+  const WhitenInputs p = prepare_whiten(x, mask);
+  at::Tensor out = at::empty(p.x.sizes(), p.x.options());
+  const int64_t chunks = (p.N + kWhitenChunk - 1) / kWhitenChunk;
+  std::vector<Moments<double>> parts(static_cast<size_t>(chunks));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "masked_whiten_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xs = p.x.const_data_ptr<scalar_t>();
+    const bool* ms = p.mask.const_data_ptr<bool>();
+    scalar_t* os = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t i0 = c * kWhitenChunk, n = std::min(kWhitenChunk, p.N - i0);
+        parts[c] = chunk_moments(xs + i0, ms + i0, n);
+      }
+    });
+    const Moments<double> total = merge_in_order(parts);
+    check_whiten_count(static_cast<int64_t>(total.n), unbiased, "masked_whiten");
+    const WhitenAffine<double> w = whiten_affine(total, unbiased, shift_mean);
+    const acc_t mean = static_cast<acc_t>(w.mean), scale = static_cast<acc_t>(w.scale),
+                add = static_cast<acc_t>(w.add_back);
+    at::parallel_for(0, p.N, kWhitenChunk, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        os[i] = ms[i] ? static_cast<scalar_t>((static_cast<acc_t>(xs[i]) - mean) * scale + add) : scalar_t(0);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace prefcore::cpu
+
+TORCH_LIBRARY_IMPL(prefcore, CPU, m) {
+  m.impl("kl_penalized_advantages", &prefcore::cpu::kl_penalized_advantages_cpu);
+  m.impl("masked_whiten", &prefcore::cpu::masked_whiten_cpu);
+}
