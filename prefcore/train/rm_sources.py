@@ -47,12 +47,11 @@ def _file_kind(path: str, attributes: str | None) -> str:
 
     if attributes:
         return "attributes"
-    for row in read_rows(path):
-        if "chosen" in row:
-            return "pairs"
-        if "scores" in row:
-            return "ratings"
-        break
+    _, rows = read_rows(path)
+    if rows and "chosen" in rows[0]:
+        return "pairs"
+    if rows and "scores" in rows[0]:
+        return "ratings"
     raise ValueError(f"data {path!r}: cannot tell the schema from its first row (expected a 'scores' column for "
                      f"ratings or 'chosen'/'rejected' for pairs; pass --attributes for attribute records)")
 
