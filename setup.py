@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 import torch
 from packaging.version import Version
@@ -24,14 +25,21 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _openmp_flags() -> list[str]:
+    """OpenMP for GCC/Clang on Linux (torch's own CPU builds use it); none elsewhere."""
+    return ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
 def _extension():
     if Version(torch.__version__.split("+")[0]) < MIN_TORCH:
         raise RuntimeError(f"prefcore needs torch>={MIN_TORCH}, found {torch.__version__}")
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = ["csrc/ops.cpp", *rel("csrc/cpu/*.cpp")]
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
-    # -O3 lets the ISA-dispatched inner loops (csrc/cpu/isa.h) auto-vectorise.
-    cxx = ["-O3", "-fno-math-errno", "-Wno-psabi"]
+    # -O3 lets the ISA-dispatched inner loops (csrc/cpu/isa.h) auto-vectorise. -fopenmp: at::parallel_for
+    # is header code that only runs in parallel when the extension itself is compiled with OpenMP.
+    cxx = ["-O3", "-fno-math-errno", "-Wno-psabi", *_openmp_flags()]
+    link = _openmp_flags()
     if _want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
@@ -41,8 +49,10 @@ def _extension():
             include_dirs=include_dirs,
             define_macros=[("PREFCORE_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link,
         )
-    return CppExtension("prefcore._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+    return CppExtension("prefcore._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                        extra_link_args=link)
 
 
 setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})

@@ -135,8 +135,13 @@ def measure(fn: Callable, args: Sequence, kwargs: dict, mode: str, device: torch
             ) -> tuple[list[float], float | None]:
     leaves = _leaves(args, kwargs)
     run = lambda: _call(fn, args, kwargs, mode, leaves)  # noqa: E731
-    for _ in range(warmup):
+    # Warm up for at least `warmup` calls and 0.3 s: the first case of a process otherwise pays
+    # one-off costs (thread-pool start, first-touch of the allocator's pages) in its timings.
+    start = time.perf_counter()
+    calls = 0
+    while calls < warmup or time.perf_counter() - start < 0.3:
         run()
+        calls += 1
     _sync(device)
     peak = _peak_extra_mb(lambda: (run(), _sync(device)), device)
     times: list[float] = []

@@ -51,8 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "train-rm":
         from prefcore.train.reward_model import train_reward_model
 
-        cfg = parse_train_rm(rest)
-        train_reward_model(cfg)
+        try:
+            train_reward_model(parse_train_rm(rest))
+        except (ValueError, FileNotFoundError) as exc:  # bad configuration or data: say what, no traceback
+            print(f"prefcore train-rm: error: {exc}", file=sys.stderr)
+            return 2
         return 0
     if command == "bench":
         try:

@@ -37,7 +37,7 @@ GMM_TARGETS = ("scores", "em", "histogram")
 class TrainRMConfig:
     """Configuration of ``prefcore train-rm`` (flags, or a JSON/YAML file with these keys)."""
 
-    method: str = field(metadata={"help": f"one of {', '.join(METHODS)}"})
+    method: str = field(metadata={"help": "the reward model to train", "choices": METHODS})
     data: str = field(default="synthetic", metadata={"help": "'synthetic' (embedded simulated population) or a "
                                                               "JSONL/Parquet file of ratings, attributes or pairs"})
     pairs: str | None = field(default=None, metadata={"help": "qrm only: JSONL/Parquet pairs for the gating stage"})
@@ -63,7 +63,8 @@ class TrainRMConfig:
     num_items: int = field(default=4000, metadata={"help": "synthetic: number of rated items"})
     num_pairs: int = field(default=4000, metadata={"help": "synthetic: number of preference pairs"})
     k: int = field(default=3, metadata={"help": "gmm: mixture components"})
-    gmm_target: str = field(default="scores", metadata={"help": f"gmm: one of {', '.join(GMM_TARGETS)}"})
+    gmm_target: str = field(default="scores", metadata={"help": "gmm: fit raw scores, or a grid density from EM or a KDE",
+                                                         "choices": GMM_TARGETS})
     grid_size: int = field(default=201, metadata={"help": "gmm em/histogram: grid points over the score range"})
     bandwidth: float = field(default=0.1, metadata={"help": "gmm histogram: KDE bandwidth"})
     trunk_layers: int = field(default=2, metadata={"help": "MLP layers (Linear+GELU) before the heads; 0 = linear "
