@@ -23,8 +23,38 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def config_file_flags(path: str, fields: set[str]) -> list[str]:
+    """The flags a JSON/YAML config file stands for (``{"lr": 1e-3}`` → ``["--lr", "0.001"]``), so
+    its values are converted and checked exactly like command-line flags."""
+    import json
+
+    import yaml
+
+    with open(path) as f:
+        data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of option names to values, got {type(data).__name__}")
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"config file {path!r}: unknown options {unknown} (known: {sorted(fields)})")
+    flags: list[str] = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"config file {path!r}: option {key!r} must be a single value, got {value!r}")
+        flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
+
+
 def parse_train_rm(argv: Sequence[str]):
-    """Parse ``train-rm`` arguments: flags, or one JSON/YAML config file (HfArgumentParser)."""
+    """Parse ``train-rm`` arguments (HfArgumentParser): flags, or a JSON/YAML config file first
+    and then flags that override it (``prefcore train-rm run.yaml --resume``)."""
+    import dataclasses
+
     from transformers import HfArgumentParser
 
     from prefcore.train.reward_model import TrainRMConfig
@@ -32,12 +62,8 @@ def parse_train_rm(argv: Sequence[str]):
     parser = HfArgumentParser(TrainRMConfig, prog="prefcore train-rm",
                               description="Train a distributional (or point) reward model.")
     argv = list(argv)
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        if argv[0].endswith(".json"):
-            (cfg,) = parser.parse_json_file(argv[0])
-        else:
-            (cfg,) = parser.parse_yaml_file(argv[0])
-        return cfg
+    if argv and argv[0].endswith(CONFIG_SUFFIXES):
+        argv = config_file_flags(argv[0], {f.name for f in dataclasses.fields(TrainRMConfig)}) + argv[1:]
     (cfg,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return cfg
 

@@ -87,6 +87,9 @@ def test_non_finite_loss_is_an_error_not_a_silent_nan(tmp_path):
 def test_atomic_save_never_leaves_a_truncated_file(tmp_path):
     path = str(tmp_path / CHECKPOINT)
     atomic_torch_save(path, {"step": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # the mode open() would give, not mkstemp's 0600
 
     class Unpicklable:
         def __reduce__(self):

@@ -61,8 +61,10 @@ class _Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("method,crash_after_logs", [("gmm", 5), ("qrm", 15)])  # qrm: crash in stage 2
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, monkeypatch, method, crash_after_logs):
+# gmm: a crash at step 30 of 120 (checkpoint at 25); qrm: stage 1 logs 24 times (120 steps / 5), so
+# the 30th log is step 30 of the gating stage (checkpoint at gating step 25).
+@pytest.mark.parametrize("method,crash_after_logs,stage", [("gmm", 5, "gmm"), ("qrm", 29, "gating")])
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, monkeypatch, method, crash_after_logs, stage):
     _cli(tmp_path, "full", "--method", method, "--log_every", "5")
     real_write = loop_mod.MetricsLog.write
     calls = {"n": 0}
@@ -78,6 +80,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, monkeypatch, 
         _cli(tmp_path, "cut", "--method", method, "--log_every", "5")
     monkeypatch.setattr(loop_mod.MetricsLog, "write", real_write)
     assert not (tmp_path / "cut" / "report.json").exists()
+    ckpt = loop_mod.load_checkpoint(str(tmp_path / "cut"))
+    assert (ckpt["stage"], ckpt["step"], ckpt["finished"]) == (stage, 25, False)
     _cli(tmp_path, "cut", "--method", method, "--log_every", "5", "--resume")
     for name in ("heads.safetensors", "metrics.jsonl", "report.json"):
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes(), name
@@ -92,6 +96,15 @@ def test_config_from_flags_json_and_yaml_agree(tmp_path):
     ym.write_text("".join(f"{k}: {v}\n" for k, v in d.items()))
     assert parse_train_rm([str(js)]) == from_flags == parse_train_rm([str(ym)])
     assert from_flags.steps == 77 and from_flags.k == 2
+    # YAML reads 1e-3 as a string: values go through the same conversion as flags.
+    ym.write_text("method: gmm\nlr: 1e-3\nresume: false\n")
+    assert parse_train_rm([str(ym)]).lr == 1e-3
+    # Flags after the file override it (resume a run configured by a file).
+    over = parse_train_rm([str(ym), "--resume", "--lr", "0.5"])
+    assert over.resume is True and over.lr == 0.5
+    js.write_text(json.dumps({"method": "gmm", "learning_rate": 0.1}))
+    with pytest.raises(ValueError, match=r"unknown options \['learning_rate'\]"):
+        parse_train_rm([str(js)])
 
 
 @pytest.mark.parametrize("target", ["em", "histogram"])
@@ -113,16 +126,77 @@ def test_text_data_through_a_local_backbone(tmp_path):
     save_jsonl(sample_vote_pairs(world, 40, 5, torch.Generator().manual_seed(2)).to_records(), tmp_path / "pairs.jsonl")
     common = ["--backbone", str(backbone), "--max_length", "48", "--steps", "20", "--batch_size", "16",
               "--progress", "false"]
-    for method, data in (("gmm", "ratings.jsonl"), ("bt-margin", "pairs.jsonl")):
+    runs = {"gmm": ["--data", str(tmp_path / "ratings.jsonl")],
+            "bt-margin": ["--data", str(tmp_path / "pairs.jsonl")],
+            # qrm on text: ratings for the heads, pairs for the gate.
+            "qrm": ["--data", str(tmp_path / "ratings.jsonl"), "--pairs", str(tmp_path / "pairs.jsonl")]}
+    for method, data in runs.items():
         out = tmp_path / f"run-{method}"
-        assert main(["train-rm", "--method", method, "--data", str(tmp_path / data), "--out", str(out), *common]) == 0
+        assert main(["train-rm", "--method", method, "--out", str(out), *data, *common]) == 0
         report = json.loads((out / "report.json").read_text())
         assert report["method"] == method
-        assert (out / "features").is_dir()  # the frozen-backbone feature cache
-    # qrm on text: ratings for the heads, pairs for the gate.
-    out = tmp_path / "run-qrm"
-    assert main(["train-rm", "--method", "qrm", "--data", str(tmp_path / "ratings.jsonl"), "--pairs",
-                 str(tmp_path / "pairs.jsonl"), "--out", str(out), *common]) == 0
+        assert all(math.isfinite(v) for v in report.values() if isinstance(v, float)), report
+        heads_cfg = json.loads((out / "heads.json").read_text())
+        assert heads_cfg["in_features"] == 16  # the tiny backbone's hidden size: features came from it
+        assert any((out / "features" / "ratings-responses").glob("*.safetensors")) or method == "bt-margin"
+    # A trained run scores new texts: the same features (up to batching) and distribution as its cache.
+    from prefcore.train.features import load_features
+    from prefcore.train.scoring import RunScorer
+
+    records = world.to_records()[:5]
+    scorer = RunScorer.load(str(tmp_path / "run-gmm"))
+    prompts, responses = [r["prompt"] for r in records], [r["response"] for r in records]
+    feats, _ = scorer.text_features(prompts, responses)
+    cached = load_features(str(tmp_path / "run-gmm" / "features" / "ratings-responses"))[:5]
+    torch.testing.assert_close(feats, cached, rtol=1e-5, atol=1e-5)
+    dist = scorer.reward_distribution(prompts, responses)
+    torch.testing.assert_close(dist.mean(), scorer.distribution_from_features(cached).mean(), rtol=1e-4, atol=1e-5)
+    assert scorer.reward(prompts, responses, risk="cvar", alpha=0.2).shape == (5,)
+    qrm = RunScorer.load(str(tmp_path / "run-qrm"))
+    q = qrm.reward_distribution(prompts, responses)
+    assert q.values.shape == (5, 19) and torch.isfinite(qrm.reward(prompts, responses, risk="ce", lam=1.0)).all()
+
+
+def test_public_source_layouts_train_through_the_adapters(tmp_path):
+    """--data_format runs the prefcore.data adapters on a source's own column layout (fixtures)."""
+    from python_tests.tiny_transformers import make_llama, make_tokenizer
+
+    backbone = tmp_path / "backbone"
+    make_llama(backbone)
+    make_tokenizer(backbone)
+    fx = os.path.join(os.path.dirname(__file__), "fixtures")
+    common = ["--backbone", str(backbone), "--max_length", "48", "--steps", "5", "--batch_size", "4",
+              "--eval_fraction", "0.3", "--progress", "false"]
+    assert main(["train-rm", "--method", "bt", "--data", f"{fx}/hh_rlhf.jsonl", "--data_format", "hh-rlhf",
+                 "--out", str(tmp_path / "hh"), *common]) == 0
+    assert main(["train-rm", "--method", "bt-margin", "--data", f"{fx}/ultrafeedback_binarized.jsonl",
+                 "--data_format", "ultrafeedback-binarized", "--out", str(tmp_path / "uf"), *common]) == 0
+    assert main(["train-rm", "--method", "qrm", "--data", f"{fx}/helpsteer2.jsonl", "--data_format", "helpsteer2",
+                 "--pairs", f"{fx}/hh_rlhf.jsonl", "--pairs_format", "hh-rlhf", "--out", str(tmp_path / "hs"),
+                 *common]) == 0
+    heads_cfg = json.loads((tmp_path / "hs" / "heads.json").read_text())
+    assert heads_cfg["attribute_names"] == ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+
+
+def test_data_that_cannot_train_the_method_is_rejected_before_training(tmp_path, capsys):
+    from prefcore.data import save_jsonl
+    from python_tests.tiny_transformers import make_llama, make_tokenizer
+
+    backbone = tmp_path / "backbone"
+    make_llama(backbone)
+    make_tokenizer(backbone)
+    pair = {"prompt": "the cat", "chosen": "sat on the mat", "rejected": "ran"}
+    save_jsonl([{**pair, "votes": [1, 1, 0]}, pair, {**pair, "margin": 0.5}, pair], tmp_path / "pairs.jsonl")
+    attrs = [{"prompt": "a", "response": "b", "helpfulness": 0.5, "safety": 0.1}] * 4
+    save_jsonl(attrs, tmp_path / "attrs.jsonl")
+    common = ["--backbone", str(backbone), "--max_length", "48", "--progress", "false"]
+    out = str(tmp_path / "o")
+    assert main(["train-rm", "--method", "bt-margin", "--data", str(tmp_path / "pairs.jsonl"), "--out", out, *common]) == 2
+    assert "needs votes or a margin on every pair; 2 have neither (first: row 1" in capsys.readouterr().err
+    assert main(["train-rm", "--method", "gmm", "--data", str(tmp_path / "attrs.jsonl"), "--attributes",
+                 "helpfulness,safety", "--score_range", "0,1", "--out", out, *common]) == 2
+    assert "has 2 attributes ('helpfulness', 'safety')" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))  # nothing was trained
 
 
 def test_bad_configs_give_clear_errors(tmp_path, capsys):
@@ -138,6 +212,12 @@ def test_bad_configs_give_clear_errors(tmp_path, capsys):
         train_reward_model(TrainRMConfig(method="gmm", data=__file__, out=str(tmp_path / "t"), progress=False))
     with pytest.raises(FileNotFoundError, match="existing JSONL"):
         train_reward_model(TrainRMConfig(method="gmm", data=str(tmp_path / "missing.jsonl"), out=str(tmp_path / "m")))
+    for bad, match in ((dict(risk_alpha=0.0), "risk_alpha"), (dict(grid_size=1), "grid_size"),
+                       (dict(num_items=1), "num_items"), (dict(trunk_layers=-1), "trunk_layers")):
+        with pytest.raises(ValueError, match=match):
+            TrainRMConfig(method="gmm", **bad)
+    with pytest.raises(ValueError, match="leave no held-out rows"):  # checked before any training
+        train_reward_model(TrainRMConfig(method="gmm", num_items=2, out=str(tmp_path / "tiny"), progress=False))
     _cli(tmp_path, "base", "--method", "gmm", "--steps", "10")
     capsys.readouterr()
     # The CLI reports configuration errors as one line on stderr and exit status 2, not a traceback.

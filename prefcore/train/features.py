@@ -117,6 +117,17 @@ def _compute_shard(backbone: nn.Module, tokenizer: Any, texts: Sequence[str], st
     return torch.cat(out)
 
 
+@torch.no_grad()
+def embed_texts(backbone: nn.Module, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 8,
+                max_length: int = 1024, pooling: str = "last", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Pooled features ``(len(texts), D)`` of ``texts``, computed exactly as :func:`extract_features`
+    does for one shard (no cache): for scoring new texts with heads trained on cached features."""
+    if not texts:
+        raise ValueError("texts must not be empty")
+    return _compute_shard(backbone, tokenizer, list(texts), 0, batch_size=batch_size, max_length=max_length,
+                          pooling=pooling, dtype=dtype, device=_backbone_device(backbone))
+
+
 def _shard_ok(path: Path, entry: dict[str, Any]) -> bool:
     return path.is_file() and sha256_file(path) == entry.get("sha256")
 

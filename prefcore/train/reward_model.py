@@ -20,6 +20,7 @@ Methods (``TrainRMConfig.method``) and the data each needs:
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -28,6 +29,7 @@ from torch import nn
 
 from prefcore._io import atomic_save_safetensors, atomic_write_json
 from prefcore.train.loop import METRICS, LoopConfig, MetricsLog, load_checkpoint, run_stage
+from prefcore.train.rm_sources import DATA_FORMATS, PAIR_FORMATS
 
 METHODS = ("bt", "bt-margin", "qrm", "gmm", "mean-var")
 GMM_TARGETS = ("scores", "em", "histogram")
@@ -41,6 +43,10 @@ class TrainRMConfig:
     data: str = field(default="synthetic", metadata={"help": "'synthetic' (embedded simulated population) or a "
                                                               "JSONL/Parquet file of ratings, attributes or pairs"})
     pairs: str | None = field(default=None, metadata={"help": "qrm only: JSONL/Parquet pairs for the gating stage"})
+    data_format: str = field(default="prefcore", metadata={"help": "layout of --data: prefcore's schemas, or a public "
+                                                                   "source's (see prefcore.data adapters)",
+                                                           "choices": DATA_FORMATS})
+    pairs_format: str = field(default="prefcore", metadata={"help": "layout of --pairs", "choices": PAIR_FORMATS})
     attributes: str | None = field(default=None, metadata={"help": "comma-separated attribute columns: --data holds "
                                                                    "attribute records (qrm)"})
     score_range: str = field(default="-1,1", metadata={"help": "declared score range 'lo,hi' of ratings/attributes"})
@@ -48,6 +54,7 @@ class TrainRMConfig:
     backbone: str | None = field(default=None, metadata={"help": "local path of a transformers AutoModel (text data)"})
     max_length: int = field(default=256, metadata={"help": "tokens per text for feature extraction"})
     feature_batch_size: int = field(default=16, metadata={"help": "batch size of feature extraction"})
+    device: str = field(default="cpu", metadata={"help": "device of the backbone during feature extraction"})
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/rm-<method>)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
     steps: int = field(default=600, metadata={"help": "optimisation steps (stage 1)"})
@@ -82,8 +89,17 @@ class TrainRMConfig:
             raise ValueError(f"gmm_target must be one of {GMM_TARGETS}, got {self.gmm_target!r}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must lie in (0, 1), got {self.eval_fraction}")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+        for name, low in (("k", 1), ("grid_size", 2), ("max_length", 1), ("feature_batch_size", 1),
+                          ("num_items", 2), ("num_pairs", 2), ("gate_steps", 1), ("trunk_layers", 0),
+                          ("trunk_width", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0.0 < self.risk_alpha <= 1.0:
+            raise ValueError(f"risk_alpha must lie in (0, 1], got {self.risk_alpha}")
+        if not math.isfinite(self.risk_lambda):
+            raise ValueError(f"risk_lambda must be finite, got {self.risk_lambda}")
+        if not self.bandwidth > 0:
+            raise ValueError(f"bandwidth must be > 0, got {self.bandwidth}")
         lo, hi = self.range
         if not lo < hi:
             raise ValueError(f"score_range must be 'lo,hi' with lo < hi, got {self.score_range!r}")
@@ -106,10 +122,14 @@ class TrainRMConfig:
 
 
 def _saved_config(cfg: TrainRMConfig) -> dict:
-    """The settings that define a run (a resumed run must match them)."""
+    """The settings that define a run, with the SHA-256 of its data files (a resumed run must
+    match them all)."""
+    from prefcore.train.rm_sources import data_fingerprint
+
     d = asdict(cfg)
-    for volatile in ("resume", "progress"):
+    for volatile in ("resume", "progress", "device"):
         d.pop(volatile)
+    d["data_sha256"] = data_fingerprint(cfg)
     return d
 
 

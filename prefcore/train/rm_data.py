@@ -57,13 +57,15 @@ class RatingsData:
 @dataclass(frozen=True)
 class PairsData:
     """Preference pairs. ``chosen, rejected (P, D)`` response features; ``prompt (P, Dp)`` or None;
-    ``votes (P, n)`` 0/1 (1 = a judge preferred ``chosen``) with ``vote_mask (P, n)`` bool, or None."""
+    ``votes (P, n)`` 0/1 (1 = a judge preferred ``chosen``) with ``vote_mask (P, n)`` bool, or None;
+    ``margin (P,)`` the disagreement margin of each pair (bt-margin), or None."""
 
     chosen: torch.Tensor
     rejected: torch.Tensor
     prompt: torch.Tensor | None = None
     votes: torch.Tensor | None = None
     vote_mask: torch.Tensor | None = None
+    margin: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.chosen.dim() != 2 or self.chosen.shape != self.rejected.shape:
@@ -74,6 +76,8 @@ class PairsData:
             t = getattr(self, name)
             if t is not None and (t.dim() != 2 or t.shape[0] != p):
                 raise ValueError(f"{name} must have shape (P, ·) with P = {p}, got {tuple(t.shape)}")
+        if self.margin is not None and tuple(self.margin.shape) != (p,):
+            raise ValueError(f"margin must have shape (P,) = ({p},), got {tuple(self.margin.shape)}")
         if self.vote_mask is not None and (self.votes is None or self.vote_mask.shape != self.votes.shape):
             raise ValueError("vote_mask needs votes of the same shape")
 
@@ -83,12 +87,14 @@ class PairsData:
     def subset(self, idx: torch.Tensor) -> PairsData:
         return PairsData(**{f.name: _index(getattr(self, f.name), idx) for f in fields(self)})
 
-    def vote_fraction(self) -> torch.Tensor | None:
-        """Fraction of valid votes for ``chosen`` per pair ``(P,)``, or None without votes."""
+    def vote_fraction(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(fraction (P,), has_votes (P,) bool)``: the fraction of valid votes for ``chosen``
+        (0 where a pair has no vote), or None without votes."""
         if self.votes is None:
             return None
         m = self.vote_mask if self.vote_mask is not None else torch.ones_like(self.votes, dtype=torch.bool)
-        return (self.votes.float() * m).sum(-1) / m.sum(-1).clamp_min(1)
+        n = m.sum(-1)
+        return (self.votes.float() * m).sum(-1) / n.clamp_min(1), n > 0
 
 
 @dataclass(frozen=True)
@@ -105,9 +111,13 @@ class RMData:
             if part is None:
                 return None, None
             n = len(part)
+            n_eval = int(round(eval_fraction * n))
+            if n_eval < 1 or n - n_eval < 1:
+                raise ValueError(f"{len(part)} {type(part).__name__[:-4].lower()} rows leave no "
+                                 f"{'held-out' if n_eval < 1 else 'training'} rows at eval_fraction = "
+                                 f"{eval_fraction}: use more data (--num_items / --num_pairs) or another eval_fraction")
             g = torch.Generator().manual_seed(seed + 7919)
             perm = torch.randperm(n, generator=g)
-            n_eval = max(1, int(round(eval_fraction * n))) if n > 1 else 0
             return part.subset(perm[n_eval:]), part.subset(perm[:n_eval])
         r_train, r_eval = cut(self.ratings)
         p_train, p_eval = cut(self.pairs)

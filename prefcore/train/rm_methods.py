@@ -2,7 +2,6 @@
 held-out metrics each reports. Used by :func:`prefcore.train.reward_model.train_reward_model`."""
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ from torch import nn
 from prefcore import distributions as D
 from prefcore import ops
 from prefcore.eval import metrics as M
-from prefcore.losses import bradley_terry_loss, vote_margin
+from prefcore.losses import bradley_terry_loss
 from prefcore.models import GatingNetwork, GMMHead, MeanVarianceHead, QuantileHead, ScalarHead
 from prefcore.train.rm_data import PairsData, RatingsData, RMData
 
@@ -101,27 +100,21 @@ def _params(heads: nn.ModuleDict, name: str) -> list[nn.Parameter]:
 
 def _bt_stage(heads: nn.ModuleDict, pairs: PairsData, method: str, steps: int) -> Stage:
     head = _head(heads, "scalar")
-    if method == "bt-margin" and pairs.votes is None:
-        raise ValueError("method 'bt-margin' needs pairs with votes")
+    if method == "bt-margin" and pairs.margin is None:
+        raise ValueError("method 'bt-margin' needs pairs with votes or a margin")
 
     def batch(idx):
         r_c, r_r = head(pairs.chosen[idx]), head(pairs.rejected[idx])
-        margin = None
-        if method == "bt-margin":
-            vm = pairs.vote_mask[idx] if pairs.vote_mask is not None else None
-            margin = vote_margin(pairs.votes[idx], vm)
-        loss = bradley_terry_loss(r_c, r_r, margin=margin)
+        loss = bradley_terry_loss(r_c, r_r, margin=pairs.margin[idx] if method == "bt-margin" else None)
         return loss, {"accuracy": float((r_c > r_r).float().mean())}
     return Stage("bt", _params(heads, "scalar"), batch, len(pairs), steps)
 
 
-def _gaussian_nll(mean: torch.Tensor, log_var: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor
-                  ) -> torch.Tensor:
-    """Per-item mean over valid scores of ``½(log 2π + log σ² + (s − μ)²/σ²)``; items with no score give 0."""
-    m = mask.float()
-    z = (scores - mean[:, None]) ** 2 * torch.exp(-log_var)[:, None]
-    per = 0.5 * (math.log(2 * math.pi) + log_var[:, None] + z)
-    return (per * m).sum(-1) / m.sum(-1).clamp_min(1)
+def _gaussian_nll(mean: torch.Tensor, log_var: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over items (with ≥ 1 score) of the mean Gaussian NLL of their valid scores: the fused
+    mixture NLL with one component, ``σ = exp(½ log σ²)``."""
+    one = torch.zeros_like(mean)[:, None]
+    return ops.gmm_nll(one, mean[:, None], 0.5 * log_var[:, None], scores, mask.to(scores.dtype))
 
 
 def _gmm_target(ratings: RatingsData, cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,9 +169,7 @@ def stages(method: str, heads: nn.ModuleDict, train: RMData, cfg) -> list[Stage]
 
         def mv_batch(idx):
             mean, log_var = head(ratings.features[idx])
-            per = _gaussian_nll(mean, log_var, s[idx], m[idx])
-            has = m[idx].any(-1)
-            return per.sum() / has.sum().clamp_min(1), {}
+            return _gaussian_nll(mean, log_var, s[idx], m[idx]), {}
         return [Stage("mean-var", _params(heads, "meanvar"), mv_batch, len(ratings), cfg.steps)]
     raise ValueError(f"unknown method {method!r}")
 
@@ -204,9 +195,10 @@ def evaluate(method: str, heads: nn.ModuleDict, test: RMData, cfg) -> dict[str, 
         head = _head(heads, "scalar")
         r_c, r_r = head(p.chosen), head(p.rejected)
         out["pairwise_accuracy"] = float(M.pairwise_accuracy(r_c, r_r))
-        frac = p.vote_fraction()
-        if frac is not None:
-            out["pearson_vote_fraction"] = float(M.pearson(torch.sigmoid(r_c - r_r), frac))
+        votes = p.vote_fraction()
+        if votes is not None and int(votes[1].sum()) >= 2:  # pairs without votes are left out
+            frac, has = votes
+            out["pearson_vote_fraction"] = float(M.pearson(torch.sigmoid(r_c - r_r)[has], frac[has]))
         out["num_eval_pairs"] = len(p)
         return out
     r = test.ratings
@@ -215,13 +207,22 @@ def evaluate(method: str, heads: nn.ModuleDict, test: RMData, cfg) -> dict[str, 
         qh, taus = _head(heads, "quantile"), heads["quantile"].taus
         pred = qh(r.features)  # (N, M, Q)
         n, m, q = pred.shape
-        cov = M.quantile_coverage(pred.reshape(n * m, q), taus, r.scores.reshape(n * m, -1),
-                                  r.mask.reshape(n * m, -1))
+        cov = M.quantile_coverage(pred.reshape(n * m, q), taus, r.scores.reshape(n * m, r.scores.shape[-1]),
+                                  r.mask.reshape(n * m, r.mask.shape[-1]))
         for tau, c in zip(taus.tolist(), cov.tolist()):
             out[f"coverage_{tau:.2f}"] = c
         out["coverage_max_abs_error"] = float((cov - taus).abs().max())
         out["pinball_loss"] = float(ops.pinball_loss(pred, r.scores, taus, r.mask))
-        out.update(_risk_summary(D.QuantileDistribution(pred[:, 0], taus), cfg))
+        if r.prompt_features is not None:
+            # The reward QRM optimises: the gated mixture Q_mix = Σ_m g_m·Q_m, in QRM's convention
+            # (equal-mass quantiles: mean = average quantile, CE = exp_utility, eq. 4); CVaR/VaR of
+            # the piecewise-linear quantile function (prefcore.distributions).
+            q_mix = (heads["gate"](r.prompt_features)[..., None] * pred).sum(1)  # (N, Q)
+            dist = D.QuantileDistribution(q_mix, taus)
+            out["gated_mean_reward"] = float(q_mix.mean())
+            out[f"gated_ce_lambda_{cfg.risk_lambda:g}"] = float(ops.exp_utility(q_mix, cfg.risk_lambda).mean())
+            out[f"gated_cvar_{cfg.risk_alpha:g}"] = float(D.cvar(dist, cfg.risk_alpha).mean())
+            out[f"gated_var_{cfg.risk_alpha:g}"] = float(D.value_at_risk(dist, cfg.risk_alpha).mean())
         if test.pairs is not None and len(test.pairs):
             p = test.pairs
             g = heads["gate"](p.prompt)
@@ -242,8 +243,8 @@ def evaluate(method: str, heads: nn.ModuleDict, test: RMData, cfg) -> dict[str, 
         out.update(_risk_summary(dist, cfg))
         return out
     mean, log_var = _head(heads, "meanvar")(r.features)
-    per = _gaussian_nll(mean, log_var, s, mk)
-    out["nll"] = float(per[mk.any(-1)].mean())
+    out["nll"] = float(_gaussian_nll(mean, log_var, s, mk))
     out["uce"] = float(M.uce(log_var.exp(), s, mk))
-    out["mean_reward"] = float(mean.mean())
+    out.update(_risk_summary(D.GaussianMixture(torch.zeros_like(mean)[:, None], mean[:, None],
+                                               0.5 * log_var[:, None]), cfg))
     return out

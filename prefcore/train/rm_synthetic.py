@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from prefcore.data.synthetic import RatingsWorld, RatingsWorldConfig, make_ratings_world, sample_vote_pairs
+from prefcore.losses import vote_margin
 from prefcore.train.rm_data import PairsData, RatingsData, RMData
 
 NUM_VOTES = 10
@@ -37,7 +38,8 @@ def pairs_from_world(world: RatingsWorld, num_pairs: int, generator: torch.Gener
     pick_a = vp.label[:, None]
     chosen, rejected = torch.where(pick_a, a, b), torch.where(pick_a, b, a)
     votes = torch.where(pick_a, vp.votes, 1 - vp.votes)
-    return PairsData(chosen, rejected, vp.prompt_features, votes, torch.ones_like(votes, dtype=torch.bool))
+    return PairsData(chosen, rejected, vp.prompt_features, votes, torch.ones_like(votes, dtype=torch.bool),
+                     vote_margin(votes))
 
 
 def synthetic_rm_data(cfg) -> RMData:
