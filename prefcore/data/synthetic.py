@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from prefcore.distributions import ndtr
+
 __all__ = [
     "TruncatedNormalMixture",
     "toy_preference_density",
@@ -60,9 +62,6 @@ def _require_count(value: object, name: str, minimum: int = 0) -> int:
     return value
 
 
-def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
-    return 0.5 * torch.special.erfc(-z / math.sqrt(2.0))
-
 
 # =========================================================================================
 # (a) the 1-D world of the density-estimation paper
@@ -95,8 +94,8 @@ class TruncatedNormalMixture:
             raise ValueError(f"low must be < high, got [{self.low}, {self.high}]")
 
     def _log_mass(self) -> torch.Tensor:
-        hi = _normal_cdf((self.high - self.means) / self.stds)
-        lo = _normal_cdf((self.low - self.means) / self.stds)
+        hi = ndtr((self.high - self.means) / self.stds)
+        lo = ndtr((self.low - self.means) / self.stds)
         return torch.log(hi - lo)
 
     def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -416,7 +415,7 @@ def _clipped_mixture_cdf(mix: ScoreMixture, x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 1:
         x = x.expand(mix.means.shape[0], -1)
     z = (x[:, :, None] - mix.means[:, None, :]) / mix.stds[:, None, :]
-    cdf = (_normal_cdf(z) * mix.weights[:, None, :]).sum(-1)
+    cdf = (ndtr(z) * mix.weights[:, None, :]).sum(-1)
     cdf = torch.where(x < -1.0, torch.zeros_like(cdf), cdf)
     return torch.where(x >= 1.0, torch.ones_like(cdf), cdf)
 
@@ -426,7 +425,7 @@ def _clipped_normal_mean(mu: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
     a = (-1.0 - mu) / sd
     b = (1.0 - mu) / sd
     pdf = lambda t: torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)  # noqa: E731
-    fa, fb = _normal_cdf(a), _normal_cdf(b)
+    fa, fb = ndtr(a), ndtr(b)
     return -fa + (1.0 - fb) + mu * (fb - fa) + sd * (pdf(a) - pdf(b))
 
 
@@ -519,7 +518,7 @@ class RatingsWorld:
         x = torch.full((1,), float(threshold), dtype=torch.float64)
         mix = self.true_score_mixture(attribute)
         z = (x[None, :, None] - mix.means[:, None, :]) / mix.stds[:, None, :]
-        below = (_normal_cdf(z) * mix.weights[:, None, :]).sum(-1)[:, 0]
+        below = (ndtr(z) * mix.weights[:, None, :]).sum(-1)[:, 0]
         if threshold <= -1.0:
             return torch.zeros_like(below)
         return below if threshold <= 1.0 else torch.ones_like(below)
@@ -696,5 +695,5 @@ def sample_vote_pairs(
     s_b = mu_b.gather(1, who) + noise[who] * eps[1]
     prefer_a = s_a > s_b
     w = world.type_proportions.double()
-    prob_a = (w * _normal_cdf((mu_a - mu_b) / (noise * math.sqrt(2.0)))).sum(-1)
+    prob_a = (w * ndtr((mu_a - mu_b) / (noise * math.sqrt(2.0)))).sum(-1)
     return VotePairs(prompt, resp[0], resp[1], prefer_a[:, 1:].long(), prefer_a[:, 0], prob_a, world.prompt_ids[src])
