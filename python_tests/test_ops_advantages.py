@@ -304,6 +304,42 @@ def test_gae_gamma_lambda_one_is_reverse_cumsum_minus_value():
     assert_close_f32(out.returns, torch.where(mask, r.flip(-1).cumsum(-1).flip(-1), 0.0))
 
 
+def span_masks(b: int, t: int, seed: int) -> torch.Tensor:
+    """Masks whose valid tokens form one contiguous span per row (the CPU kernel's chunked GAE
+    path): right-padded, left-padded, a middle span, the full row, one token at either end,
+    spans ending on and next to 16-token chunk boundaries, and an empty row (row 1)."""
+    g = torch.Generator().manual_seed(seed)
+    lo = torch.randint(0, t, (b,), generator=g)
+    hi = torch.randint(0, t, (b,), generator=g)
+    first, last = torch.minimum(lo, hi), torch.maximum(lo, hi)
+    fixed = [(0, t - 1), (0, -1), (0, t // 2), (t // 3, t - 1), (0, 0), (t - 1, t - 1),
+             (0, min(t - 1, 15)), (min(t - 1, 16), t - 1), (min(t - 1, 17), min(t - 1, 31))]
+    for i, (f, l) in enumerate(fixed[:b]):
+        first[i], last[i] = f, l
+    idx = torch.arange(t)[None]
+    return (idx >= first[:, None]) & (idx <= last[:, None])
+
+
+@pytest.mark.parametrize("t", [1, 15, 16, 17, 47, 100, 1027])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_gae_contiguous_spans_match_naive(t, estimator):
+    """Rows whose valid tokens are one contiguous span take a separate fused, chunked scan on
+    the CPU; check it (every chunk/tail layout, garbage under the mask, whitening) against the
+    naive float64 loop."""
+    b = 12
+    lp, rf, _, scores, values = make_inputs(b, t, seed=t, garbage=False)
+    mask = span_masks(b, t, seed=t)
+    lp = torch.where(mask, lp, -math.inf)
+    rf = torch.where(mask, rf, math.nan)
+    values = torch.where(mask, values, math.inf)
+    for gamma, lam, whiten in ((1.0, 1.0, False), (0.97, 0.9, True), (1.0, 0.95, False), (0.5, 0.0, False)):
+        kw = kwargs_for("gae", estimator=estimator, values=values, gamma=gamma, lam=lam, whiten=whiten, kl_clamp=0.9)
+        out = prefcore.ops.kl_penalized_advantages(lp, rf, mask, scores, **kw)
+        truth = naive_fp64(lp, rf, mask, scores, **{**kw, "values": values})
+        for name, o, tr in zip(out._fields, out, truth):
+            assert_close_f32(o, tr, scale=math.sqrt(max(t, 64) / 64), what=f"{name} γ={gamma} λ={lam}")
+
+
 def test_gae_lambda_zero_is_one_step_td_over_valid_tokens():
     # λ = 0: A_t = r_t + γ·V_{next valid} − V_t; interior masked tokens are skipped, not decayed.
     lp = torch.zeros(1, 6, dtype=torch.float64)
@@ -452,6 +488,7 @@ def test_every_cpu_isa_clone_matches_reference():
         "torch.manual_seed(0)\n"
         "B, T = 12, 77\n"
         "lp = torch.randn(B, T); rf = lp + 0.4 * torch.randn(B, T); m = torch.rand(B, T) > 0.3; m[1] = False\n"
+        "idx = torch.arange(T); m[2] = idx < 40; m[3] = idx >= 9; m[4] = (idx >= 16) & (idx < 64); m[5] = True\n"
         "sc = torch.randn(B); v = torch.randn(B, T)\n"
         "for est in ('k1', 'k2', 'k3', 'abs'):\n"
         "  for mode in ('rloo', 'grpo', 'gae'):\n"

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
@@ -224,22 +225,195 @@ PREFCORE_ALWAYS_INLINE void group_rows(EstTag<kEst>, const AdvArgs<scalar_t, acc
   }
 }
 
-// gae over rows [b0, b1): KL and rewards into the scratch row, then the reverse scan.
+// Lane shifts for the in-chunk scan: out[j] = x[j + S] for j + S < W, else fill (lane 0 of it).
+template <typename acc_t>
+struct SimdIndexOf;
+template <>
+struct SimdIndexOf<float> {
+  typedef std::int32_t type __attribute__((vector_size(64)));
+};
+template <>
+struct SimdIndexOf<double> {
+  typedef std::int64_t type __attribute__((vector_size(64)));
+};
+
+// The index vector is a literal (built from an index pack) so that GCC sees a constant mask
+// when it lowers the shuffle: a mask filled by a loop is lowered lane by lane.
+template <int64_t S, typename acc_t, int64_t... J>
+PREFCORE_ALWAYS_INLINE Simd<acc_t> shift_down_impl(Simd<acc_t> x, Simd<acc_t> fill,
+                                                   std::integer_sequence<int64_t, J...>) {
+  using I = typename SimdIndexOf<acc_t>::type;
+  constexpr int64_t W = kLanes<acc_t>;
+  return __builtin_shuffle(x, fill, I{(J + S < W ? J + S : W)...});
+}
+
+template <typename acc_t, int64_t... J>
+PREFCORE_ALWAYS_INLINE Simd<acc_t> iota_impl(std::integer_sequence<int64_t, J...>) {
+  return Simd<acc_t>{static_cast<acc_t>(J)...};
+}
+
+// (0, 1, …, W − 1).
+template <typename acc_t>
+PREFCORE_ALWAYS_INLINE Simd<acc_t> simd_iota() {
+  return iota_impl<acc_t>(std::make_integer_sequence<int64_t, kLanes<acc_t>>{});
+}
+
+template <int64_t S, typename acc_t>
+PREFCORE_ALWAYS_INLINE Simd<acc_t> shift_down(Simd<acc_t> x, Simd<acc_t> fill) {
+  return shift_down_impl<S, acc_t>(x, fill, std::make_integer_sequence<int64_t, kLanes<acc_t>>{});
+}
+
+// First/last valid index and the count of a mask row, 8 bytes at a time (bool bytes are 0/1).
+struct MaskSpan {
+  int64_t first, last, count;  // count = 0: no valid token (first/last unspecified)
+};
+
+PREFCORE_ALWAYS_INLINE MaskSpan mask_span(const bool* mk, int64_t T) {
+  const unsigned char* m = reinterpret_cast<const unsigned char*>(mk);
+  auto word = [m](int64_t i) {
+    std::uint64_t w;
+    std::memcpy(&w, m + i, 8);
+    return w;
+  };
+  int64_t l = T - 1;
+  while (l >= 7 && word(l - 7) == 0) l -= 8;
+  while (l >= 0 && !m[l]) --l;
+  if (l < 0) return MaskSpan{0, -1, 0};
+  int64_t f = 0;
+  while (f + 8 <= l && word(f) == 0) f += 8;
+  while (!m[f]) ++f;
+  int64_t count = 0, i = f;
+  // Each byte is 0 or 1, so the byte sum (≤ 8) is the top byte of w·0x0101…01.
+  for (; i + 8 <= l + 1; i += 8) count += static_cast<int64_t>((word(i) * 0x0101010101010101ull) >> 56);
+  for (; i <= l; ++i) count += m[i];
+  return MaskSpan{f, l, count};
+}
+
+// gae over one row whose valid tokens are exactly [f, l] (right- or left-padded, no interior
+// zeros), in one reverse pass of W-token chunks that computes kl and token rewards and runs
+// the scan. With no masked token inside [f, l], nv at a valid t is V[t+1] (0 at l) and the
+// scan is g_t = δ_t + c·g_{t+1} with a constant c = γλ; δ is set to 0 outside [f, l], which
+// keeps g = 0 right of l and is harmless left of f (output 0 there). Within a chunk the scan is
+// a log-step one (x_j += c^s·x_{j+s}, s = 1, 2, 4, …), then the carry g_{t+W} enters with the
+// weights c^{W−j}: one FMA and a broadcast on the dependency chain per chunk instead of W FMAs.
+// Masked inputs may be ±inf/NaN: every use of them is a select, never a multiply.
+template <KlEstimator kEst, typename scalar_t, typename acc_t>
+PREFCORE_ALWAYS_INLINE void gae_row_span(const AdvArgs<scalar_t, acc_t>& a, int64_t b, int64_t f, int64_t l,
+                                         const Simd<acc_t>* cpow, Simd<acc_t> carry_w) {
+  using V = Simd<acc_t>;
+  constexpr int64_t W = kLanes<acc_t>;
+  const int64_t T = a.T;
+  const scalar_t* lp = a.logprobs + b * T;
+  const scalar_t* rf = a.ref + b * T;
+  const scalar_t* vr = a.values + b * T;
+  float* kl_out = a.kl + b * T;
+  float* tr_out = a.tr + b * T;
+  float* adv = a.adv + b * T;
+  float* ret = a.ret + b * T;
+  const acc_t score = a.scores[b];
+  const acc_t kl_coef = a.kl_coef, clamp = a.clamp, gamma = a.gamma, c = a.gamma_lam;
+  // Scalar tail [Tv, T) first (the scan runs right to left).
+  const int64_t Tv = T - T % W;
+  acc_t g = acc_t(0);
+  for (int64_t t = T - 1; t >= Tv; --t) {
+    if (t < f || t > l) {
+      kl_out[t] = tr_out[t] = adv[t] = ret[t] = 0.f;
+      continue;
+    }
+    const acc_t d = static_cast<acc_t>(lp[t]) - static_cast<acc_t>(rf[t]);
+    const acc_t kl = kl_clamp<acc_t, acc_t>(kl_estimate<kEst, acc_t, acc_t>(d, exp_neg_for<kEst>(d)), clamp);
+    const acc_t r = (t == l ? score : acc_t(0)) - kl_coef * kl;
+    const acc_t v = static_cast<acc_t>(vr[t]);
+    const acc_t nv = t < l ? static_cast<acc_t>(vr[t + 1]) : acc_t(0);
+    g = (r + gamma * nv - v) + c * g;
+    kl_out[t] = static_cast<float>(kl);
+    tr_out[t] = static_cast<float>(r);
+    adv[t] = static_cast<float>(g);
+    ret[t] = static_cast<float>(g + v);
+  }
+  const V iota = simd_iota<acc_t>();
+  // Lane positions relative to the chunk start, compared in the accumulation dtype (exact:
+  // T < 2^24 tokens per row for float is far beyond any sequence length here).
+  V carry = V{} + g;
+  for (int64_t t = Tv - W; t >= 0; t -= W) {
+    const V pos = iota + static_cast<acc_t>(t);
+    // f ≤ pos ≤ l ⇔ (pos − f)·(l − pos) ≥ 0 (rounding keeps signs): one comparison, since GCC
+    // lowered the `&` of two vector comparisons lane by lane here.
+    const auto valid = (pos - static_cast<acc_t>(f)) * (static_cast<acc_t>(l) - pos) >= acc_t(0);
+    const V d = load_as<acc_t>(lp + t) - load_as<acc_t>(rf + t);
+    const V kl = valid ? kl_clamp<V, acc_t>(kl_estimate<kEst, V, acc_t>(d, exp_neg_for<kEst>(d)), clamp) : V{};
+    V bonus{};
+    if (l >= t && l < t + W) bonus[l - t] = score;
+    const V r = valid ? bonus - kl_coef * kl : V{};
+    store_float<acc_t>(kl_out + t, kl);
+    store_float<acc_t>(tr_out + t, r);
+    const V v = load_as<acc_t>(vr + t);
+    const V vnext = t + W < T ? load_as<acc_t>(vr + t + 1)
+                              : shift_down<1, acc_t>(v, V{});
+    const V nv = pos < static_cast<acc_t>(l) ? vnext : V{};
+    V x = valid ? r + gamma * nv - v : V{};
+    x += cpow[0] * shift_down<1, acc_t>(x, V{});
+    x += cpow[1] * shift_down<2, acc_t>(x, V{});
+    x += cpow[2] * shift_down<4, acc_t>(x, V{});
+    if constexpr (W > 8) x += cpow[3] * shift_down<8, acc_t>(x, V{});
+    const V gv = x + carry_w * carry;
+    carry = V{} + gv[0];
+    store_float<acc_t>(adv + t, valid ? gv : V{});
+    store_float<acc_t>(ret + t, valid ? gv + v : V{});
+  }
+}
+
+// Per-row moments (count, mean, Σ(A − mean)²) of a finished advantage row, in float64.
+PREFCORE_ALWAYS_INLINE Moments<double> row_moments(const bool* mk, const float* adv, int64_t T, int64_t count) {
+  double sum = 0.0;
+  for (int64_t t = 0; t < T; ++t) sum += mk[t] ? static_cast<double>(adv[t]) : 0.0;
+  const double n = static_cast<double>(count);
+  const double mean = count > 0 ? sum / n : 0.0;
+  double m2 = 0.0;
+  for (int64_t t = 0; t < T; ++t) {
+    const double dv = mk[t] ? static_cast<double>(adv[t]) - mean : 0.0;
+    m2 += dv * dv;
+  }
+  return Moments<double>{n, mean, m2};
+}
+
+// gae over rows [b0, b1). A row whose valid tokens are one contiguous span takes the fused
+// chunked pass (gae_row_span); any other row (interior zeros, or no valid token) computes KL
+// and rewards into the scratch row, then runs the sequential reverse scan.
 template <KlEstimator kEst, typename scalar_t, typename acc_t>
 PREFCORE_ALWAYS_INLINE void gae_rows(EstTag<kEst>, const AdvArgs<scalar_t, acc_t>& a, int64_t b0,
                                      int64_t b1) {
+  using V = Simd<acc_t>;
+  constexpr int64_t W = kLanes<acc_t>;
   const int64_t T = a.T;
   std::vector<acc_t> scratch(static_cast<size_t>(T)), lanes(static_cast<size_t>(T));
   acc_t* __restrict r = scratch.data();
+  // c^1, c^2, c^4, c^8 and the carry weights c^{W−j} of the chunked scan, c = γλ.
+  V cpow[4], carry_w;
+  {
+    const double c = static_cast<double>(a.gamma_lam);
+    double p = c;
+    for (int i = 0; i < 4; ++i, p *= p) cpow[i] = V{} + static_cast<acc_t>(p);
+    for (int64_t j = 0; j < W; ++j) {
+      double w = 1.0;
+      for (int64_t i = j; i < W; ++i) w *= c;
+      carry_w[j] = static_cast<acc_t>(w);
+    }
+  }
   for (int64_t b = b0; b < b1; ++b) {
-    const RowSums s = kl_rewards_row<kEst, true>(a, b, r, lanes.data());
     const bool* mk = a.mask + b * T;
+    const MaskSpan span = mask_span(mk, T);
+    if (span.count > 0 && span.count == span.last - span.first + 1) {
+      gae_row_span<kEst>(a, b, span.first, span.last, cpow, carry_w);
+      if (a.moments != nullptr) a.moments[b] = row_moments(mk, a.adv + b * T, T, span.count);
+      continue;
+    }
+    const RowSums s = kl_rewards_row<kEst, true>(a, b, r, lanes.data());
     const scalar_t* vr = a.values + b * T;
     float* adv = a.adv + b * T;
     float* ret = a.ret + b * T;
     const acc_t gamma = a.gamma, gamma_lam = a.gamma_lam;
     GaeState<acc_t> st{acc_t(0), acc_t(0)};
-    double sum = 0.0;
     // Branch-free: a masked token computes a candidate step and discards it (select), so
     // garbage values under the mask never reach the state.
     for (int64_t t = T - 1; t >= 0; --t) {
@@ -247,21 +421,10 @@ PREFCORE_ALWAYS_INLINE void gae_rows(EstTag<kEst>, const AdvArgs<scalar_t, acc_t
       const acc_t v = m ? static_cast<acc_t>(vr[t]) : acc_t(0);
       const GaeState<acc_t> next = gae_step<acc_t, acc_t>(st, r[t], v, gamma, gamma_lam);
       st = m ? next : st;
-      const float A = m ? static_cast<float>(next.g) : 0.f;
-      adv[t] = A;
+      adv[t] = m ? static_cast<float>(next.g) : 0.f;
       ret[t] = m ? static_cast<float>(next.g + v) : 0.f;
-      sum += A;
     }
-    if (a.moments != nullptr) {
-      const double n = static_cast<double>(s.count);
-      const double mean = s.count > 0 ? sum / n : 0.0;
-      double m2 = 0.0;
-      for (int64_t t = 0; t < T; ++t) {
-        const double dv = mk[t] ? static_cast<double>(adv[t]) - mean : 0.0;
-        m2 += dv * dv;
-      }
-      a.moments[b] = Moments<double>{n, mean, m2};
-    }
+    if (a.moments != nullptr) a.moments[b] = row_moments(mk, adv, T, s.count);
   }
 }
 
@@ -302,19 +465,23 @@ Moments<double> merge_in_order(const std::vector<Moments<double>>& parts) {
 }
 
 // A (B, T) float32 output. On the benchmark machine first-touching fresh 4 KiB pages cost ~90%
-// of writing an output (8 MB: ~2 ms fresh vs ~0.2 ms rewritten). An output of at least 2 MiB is
-// therefore allocated 2 MiB-aligned and its whole 2 MiB pages are advised to be transparent huge
-// pages (Linux "madvise" mode; advice only, values unaffected; cf. huge_pages.h, whose helper
-// can only use the aligned interior of an allocation). Each output owns its memory (outputs
-// must not alias each other) at storage offset 0, as the fake kernel says. Such a storage is
-// not resizable.
+// of writing an output (8 MB: ~2 ms fresh vs ~0.2 ms rewritten). An output of at least 1 MiB is
+// therefore allocated 2 MiB-aligned, rounded up to whole 2 MiB pages, which are advised to be
+// transparent huge pages (Linux "madvise" mode; advice only, values unaffected; cf.
+// huge_pages.h, whose helper can only use the aligned interior of an allocation). Each output
+// owns its memory (outputs must not alias each other) at storage offset 0, as the fake kernel
+// says. Such a storage is not resizable.
 at::Tensor alloc_output(int64_t B, int64_t T, const at::TensorOptions& opts) {
   constexpr std::size_t kHuge = std::size_t(1) << 21;
   const std::size_t bytes = static_cast<std::size_t>(B * T) * sizeof(float);
   void* ptr = nullptr;
-  if (bytes < kHuge || posix_memalign(&ptr, kHuge, bytes) != 0) return at::empty({B, T}, opts);
+  // From 1 MiB on, the allocation is rounded up to whole 2 MiB pages (at most 1 MiB of slack
+  // per output): one fault zeroing 2 MiB costs far less than 256+ faults of 4 KiB pages
+  // (gae B=64, T=4096, 1 MiB per output: 1.41 → 0.75 ms at 1 thread).
+  const std::size_t rounded = (bytes + kHuge - 1) & ~(kHuge - 1);
+  if (bytes < kHuge / 2 || posix_memalign(&ptr, kHuge, rounded) != 0) return at::empty({B, T}, opts);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  (void)madvise(ptr, bytes & ~(kHuge - 1), MADV_HUGEPAGE);
+  (void)madvise(ptr, rounded, MADV_HUGEPAGE);
 #endif
   return at::from_blob(ptr, {B, T}, [](void* p) { std::free(p); }, opts);
 }
