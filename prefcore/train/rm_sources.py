@@ -29,19 +29,25 @@ def response_text(prompt: str, response: str) -> str:
     return f"{prompt}\n\n{response}"
 
 
+def load_text_encoder(backbone_path: str, device: str = "cpu"):
+    """``(backbone, tokenizer)`` from a local directory, the backbone in eval mode on ``device`` and
+    the tokenizer truncating from the left (keep the end: last-token pooling reads it)."""
+    from transformers import AutoTokenizer
+
+    from prefcore.models import load_backbone
+
+    if not os.path.isdir(backbone_path):
+        raise FileNotFoundError(f"backbone must be a local directory with a transformers model, got {backbone_path!r}")
+    tokenizer = AutoTokenizer.from_pretrained(backbone_path, local_files_only=True)
+    tokenizer.truncation_side = "left"
+    return load_backbone(backbone_path).to(device).eval(), tokenizer
+
+
 class TextEmbedder:
     """Embeds texts with a frozen local backbone on ``device``, caching each named part under ``cache_dir``."""
 
     def __init__(self, backbone_path: str, cache_dir: str, *, max_length: int, batch_size: int, device: str = "cpu"):
-        from transformers import AutoTokenizer
-
-        from prefcore.models import load_backbone
-
-        if not os.path.isdir(backbone_path):
-            raise FileNotFoundError(f"backbone must be a local directory with a transformers model, got {backbone_path!r}")
-        self.backbone = load_backbone(backbone_path).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(backbone_path, local_files_only=True)
-        self.tokenizer.truncation_side = "left"  # keep the end: last-token pooling reads it
+        self.backbone, self.tokenizer = load_text_encoder(backbone_path, device)
         self.cache_dir, self.max_length, self.batch_size = cache_dir, max_length, batch_size
 
     def __call__(self, name: str, texts: Sequence[str]) -> torch.Tensor:

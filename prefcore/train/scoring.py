@@ -45,13 +45,10 @@ class RunScorer:
         path = backbone or cfg.get("backbone")
         if path is None:
             return cls(heads, head_cfg, max_length=cfg.get("max_length", 256))
-        from transformers import AutoTokenizer
+        from prefcore.train.rm_sources import load_text_encoder
 
-        from prefcore.models import load_backbone
-
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        tok.truncation_side = "left"  # as the run embedded its texts (rm_sources.TextEmbedder)
-        return cls(heads, head_cfg, load_backbone(path).to(device).eval(), tok, cfg.get("max_length", 256))
+        backbone_model, tok = load_text_encoder(path, device)  # as the run embedded its texts
+        return cls(heads, head_cfg, backbone_model, tok, cfg.get("max_length", 256))
 
     # ---- features ----------------------------------------------------------------------------
 
