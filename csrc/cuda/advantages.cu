@@ -24,31 +24,17 @@
 #include "advantage_checks.h"
 #include "common.h"
 #include "prefcore/advantage_math.h"
+#include "cuda/warp.cuh"
 
 namespace prefcore::cuda {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kSeg = 8;                  // tokens per lane per GAE chunk
 constexpr int kChunk = kWarp * kSeg;     // tokens per GAE chunk
 constexpr int kMergeThreads = 256;       // threads of the one-block moments merge
 constexpr int64_t kWhitenChunk = 4096;   // elements per masked_whiten moments block
 constexpr int kElemThreads = 256;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ int64_t warp_max_i64(int64_t v) {
-  for (int o = kWarp / 2; o > 0; o /= 2) {
-    const int64_t other = __shfl_xor_sync(0xffffffffu, v, o);
-    v = other > v ? other : v;
-  }
-  return v;
-}
 
 template <typename scalar_t, typename acc_t>
 struct DevArgs {
@@ -79,7 +65,7 @@ __device__ __forceinline__ acc_t kl_token(acc_t d, acc_t clamp) {
 __device__ __forceinline__ int64_t row_last_valid(const bool* __restrict__ mk, int64_t T, int lane) {
   int64_t last = -1;
   for (int64_t t = lane; t < T; t += kWarp) last = mk[t] ? t : last;
-  return warp_max_i64(last);
+  return warp_max<int64_t>(last);
 }
 
 // ---- rloo / grpo ---------------------------------------------------------------------------

@@ -21,28 +21,13 @@
 #include "common.h"
 #include "gmm_checks.h"
 #include "prefcore/gmm_math.h"
+#include "cuda/warp.cuh"
 
 namespace prefcore::cuda {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kChunk = 8;  // components whose backward sums live in registers at once
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-  for (int o = kWarp / 2; o > 0; o /= 2) {
-    const T other = __shfl_xor_sync(0xffffffffu, v, o);
-    v = other > v ? other : v;
-  }
-  return v;
-}
 
 template <typename acc_t>
 struct GmmKernelArgs {

@@ -15,27 +15,12 @@
 #include "common.h"
 #include "prefcore/quantile_math.h"
 #include "quantile_checks.h"
+#include "cuda/warp.cuh"
 
 namespace prefcore::cuda {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-  for (int o = kWarp / 2; o > 0; o /= 2) {
-    const T other = __shfl_xor_sync(0xffffffffu, v, o);
-    v = other > v ? other : v;
-  }
-  return v;
-}
 
 int64_t blocks_for(int64_t rows) { return (rows + kWarpsPerBlock - 1) / kWarpsPerBlock; }
 
