@@ -13,6 +13,7 @@
 #include <ATen/ops/nonzero.h>
 #include <ATen/ops/sum.h>
 
+#include <atomic>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -134,6 +135,51 @@ inline at::Tensor checked_gmm_grad_rows(const at::Tensor& grad_rows, const GmmIn
   check_dtype(grad_rows, opmath_dtype(p.logits), "grad_rows", "the accumulation dtype of logits");
   check_same_device(grad_rows, p.logits, "grad_rows", "logits");
   return grad_rows.contiguous();
+}
+
+// Raw-pointer view of prepared inputs and outputs, shared by the CPU and CUDA kernels (the
+// launchers fill the outputs they use; `first_bad` is the CPU kernels' lowest invalid row).
+template <typename acc_t>
+struct GmmArgs {
+  const acc_t* logits;     // (B, K) contiguous
+  const acc_t* mu;         // (B, K)
+  const acc_t* log_sigma;  // (B, K)
+  const acc_t* points;     // shared (G,) (row stride 0) or per-row (B, N)
+  int64_t pts_row_stride, pts_col_stride;
+  const acc_t* weights;    // (B, P) any strides, or nullptr (uniform)
+  int64_t w_row_stride, w_col_stride;
+  int64_t B, K, P;
+  bool normalize;
+  const acc_t* grad_rows;  // (B,) backward only
+  acc_t* loss;             // (B,) forward outputs
+  acc_t* total;
+  acc_t* dlogits;          // (B, K) backward outputs
+  acc_t* dmu;
+  acc_t* dlog_sigma;
+  std::atomic<int64_t>* first_bad;  // CPU: lowest row with an invalid value (B if none)
+};
+
+// The input half of GmmArgs for parameters already in the accumulation dtype.
+template <typename acc_t>
+GmmArgs<acc_t> make_gmm_args(const GmmInputs& p, const at::Tensor& logits, const at::Tensor& mu,
+                             const at::Tensor& log_sigma) {
+  GmmArgs<acc_t> a{};
+  a.logits = logits.const_data_ptr<acc_t>();
+  a.mu = mu.const_data_ptr<acc_t>();
+  a.log_sigma = log_sigma.const_data_ptr<acc_t>();
+  a.points = p.points.const_data_ptr<acc_t>();
+  a.pts_row_stride = p.per_row ? p.points.stride(0) : 0;
+  a.pts_col_stride = p.points.stride(-1);
+  if (p.weights.defined()) {
+    a.weights = p.weights.const_data_ptr<acc_t>();
+    a.w_row_stride = p.weights.stride(0);
+    a.w_col_stride = p.weights.stride(1);
+  }
+  a.B = p.B;
+  a.K = p.K;
+  a.P = p.P;
+  a.normalize = p.normalize;
+  return a;
 }
 
 }  // namespace prefcore

@@ -29,6 +29,7 @@ def _nvcc() -> str | None:
 def _newest_header_mtime() -> float:
     headers = glob.glob(os.path.join(ROOT, "csrc", "include", "**", "*.h"), recursive=True)
     headers += glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh"))
+    headers += glob.glob(os.path.join(ROOT, "csrc", "*.h"))  # argument checks shared with the CPU
     return max((os.path.getmtime(h) for h in headers), default=0.0)
 
 

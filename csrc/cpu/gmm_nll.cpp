@@ -74,26 +74,6 @@ PREFCORE_ALWAYS_INLINE Simd<double> vlog_pos(Simd<double> x) {
 // ---- row kernels --------------------------------------------------------------------------
 
 template <typename acc_t>
-struct GmmArgs {
-  const acc_t* logits;     // (B, K) contiguous
-  const acc_t* mu;         // (B, K)
-  const acc_t* log_sigma;  // (B, K)
-  const acc_t* points;     // shared (G,) (row stride 0) or per-row (B, N)
-  int64_t pts_row_stride, pts_col_stride;
-  const acc_t* weights;    // (B, P) any strides, or nullptr (uniform)
-  int64_t w_row_stride, w_col_stride;
-  int64_t K, P;
-  bool normalize;
-  const acc_t* grad_rows;  // (B,) backward only
-  acc_t* loss;             // (B,) forward outputs
-  acc_t* total;
-  acc_t* dlogits;          // (B, K) backward outputs
-  acc_t* dmu;
-  acc_t* dlog_sigma;
-  std::atomic<int64_t>* first_bad;  // lowest row with an invalid value (B if none)
-};
-
-template <typename acc_t>
 constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
 
 // For the W points of xv: writes e_k = exp(a_k − m) to e[k·W .. k·W + W) and returns
@@ -458,28 +438,6 @@ PREFCORE_ISA_CLONES(gmm_tiles_isa, gmm_tiles)
 
 // ---- launchers ----------------------------------------------------------------------------
 
-template <typename acc_t>
-GmmArgs<acc_t> make_args(const GmmInputs& p, const at::Tensor& logits, const at::Tensor& mu,
-                         const at::Tensor& log_sigma, std::atomic<int64_t>* first_bad) {
-  GmmArgs<acc_t> a{};
-  a.logits = logits.const_data_ptr<acc_t>();
-  a.mu = mu.const_data_ptr<acc_t>();
-  a.log_sigma = log_sigma.const_data_ptr<acc_t>();
-  a.points = p.points.const_data_ptr<acc_t>();
-  a.pts_row_stride = p.per_row ? p.points.stride(0) : 0;
-  a.pts_col_stride = p.points.stride(-1);
-  if (p.weights.defined()) {
-    a.weights = p.weights.const_data_ptr<acc_t>();
-    a.w_row_stride = p.weights.stride(0);
-    a.w_col_stride = p.weights.stride(1);
-  }
-  a.K = p.K;
-  a.P = p.P;
-  a.normalize = p.normalize;
-  a.first_bad = first_bad;
-  return a;
-}
-
 int64_t grain_for(const GmmInputs& p) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.P * p.K));
 }
@@ -527,7 +485,8 @@ std::tuple<at::Tensor, at::Tensor> gmm_nll_cpu(const at::Tensor& logits, const a
   const at::Tensor l = p.logits.to(acc), m = p.mu.to(acc), s = p.log_sigma.to(acc);
   AT_DISPATCH_FLOATING_TYPES(acc, "gmm_nll_cpu", [&] {
     std::atomic<int64_t> first_bad{p.B};
-    auto a = make_args<scalar_t>(p, l, m, s, &first_bad);
+    auto a = make_gmm_args<scalar_t>(p, l, m, s);
+    a.first_bad = &first_bad;
     a.loss = loss.mutable_data_ptr<scalar_t>();
     a.total = total.mutable_data_ptr<scalar_t>();
     run_rows<false>(p, a, first_bad);
@@ -548,7 +507,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gmm_nll_backward_cpu(
     const at::Tensor l = p.logits.to(acc), m = p.mu.to(acc), s = p.log_sigma.to(acc);
     AT_DISPATCH_FLOATING_TYPES(acc, "gmm_nll_backward_cpu", [&] {
       std::atomic<int64_t> first_bad{p.B};
-      auto a = make_args<scalar_t>(p, l, m, s, &first_bad);
+      auto a = make_gmm_args<scalar_t>(p, l, m, s);
+      a.first_bad = &first_bad;
       a.grad_rows = g.const_data_ptr<scalar_t>();
       a.dlogits = dl.mutable_data_ptr<scalar_t>();
       a.dmu = dm.mutable_data_ptr<scalar_t>();

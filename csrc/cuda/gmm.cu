@@ -30,31 +30,12 @@ constexpr int kWarpsPerBlock = 8;
 constexpr int kChunk = 8;  // components whose backward sums live in registers at once
 
 template <typename acc_t>
-struct GmmKernelArgs {
-  const acc_t* logits;  // (B, K) contiguous
-  const acc_t* mu;
-  const acc_t* log_sigma;
-  const acc_t* points;  // shared (G,) (row stride 0) or (B, N)
-  int64_t pts_row_stride, pts_col_stride;
-  const acc_t* weights;  // (B, P) any strides, or nullptr (uniform)
-  int64_t w_row_stride, w_col_stride;
-  int64_t B, K, P;
-  bool normalize;
-  const acc_t* grad_rows;  // backward
-  acc_t* loss;             // forward outputs (B,)
-  acc_t* total;
-  acc_t* dlogits;          // backward outputs (B, K)
-  acc_t* dmu;
-  acc_t* dlog_sigma;
-};
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t point_at(const GmmKernelArgs<acc_t>& a, int64_t b, int64_t p) {
+__device__ __forceinline__ acc_t point_at(const GmmArgs<acc_t>& a, int64_t b, int64_t p) {
   return a.points[b * a.pts_row_stride + p * a.pts_col_stride];
 }
 
 template <typename acc_t>
-__device__ __forceinline__ acc_t weight_at(const GmmKernelArgs<acc_t>& a, int64_t b, int64_t p) {
+__device__ __forceinline__ acc_t weight_at(const GmmArgs<acc_t>& a, int64_t b, int64_t p) {
   return a.weights == nullptr ? acc_t(1) : a.weights[b * a.w_row_stride + p * a.w_col_stride];
 }
 
@@ -77,7 +58,7 @@ __device__ __forceinline__ acc_t point_logp(acc_t x, const GmmComponent<acc_t>* 
 
 // logsumexp over the row's points of log p (normalize_grid), combined across the warp.
 template <typename acc_t>
-__device__ acc_t points_logsumexp(const GmmKernelArgs<acc_t>& a, int64_t b, const GmmComponent<acc_t>* comp,
+__device__ acc_t points_logsumexp(const GmmArgs<acc_t>& a, int64_t b, const GmmComponent<acc_t>* comp,
                                   int lane) {
   acc_t lm = -INFINITY, ls = acc_t(0);  // running max and Σ exp(· − max) of this lane's points
   for (int64_t p = lane; p < a.P; p += kWarp) {
@@ -98,7 +79,7 @@ __device__ acc_t points_logsumexp(const GmmKernelArgs<acc_t>& a, int64_t b, cons
 
 // Prepares the row's components in shared memory; returns log Σ_k exp(logits_k).
 template <typename acc_t>
-__device__ acc_t prepare_row(const GmmKernelArgs<acc_t>& a, int64_t b, GmmComponent<acc_t>* comp, int lane) {
+__device__ acc_t prepare_row(const GmmArgs<acc_t>& a, int64_t b, GmmComponent<acc_t>* comp, int lane) {
   const acc_t* lg = a.logits + b * a.K;
   acc_t m = -INFINITY;
   for (int64_t k = lane; k < a.K; k += kWarp) m = lg[k] > m ? lg[k] : m;
@@ -114,7 +95,7 @@ __device__ acc_t prepare_row(const GmmKernelArgs<acc_t>& a, int64_t b, GmmCompon
 }
 
 template <typename acc_t>
-__device__ acc_t row_weight_total(const GmmKernelArgs<acc_t>& a, int64_t b, int lane) {
+__device__ acc_t row_weight_total(const GmmArgs<acc_t>& a, int64_t b, int lane) {
   if (a.weights == nullptr) return static_cast<acc_t>(a.P);
   acc_t t = acc_t(0);
   for (int64_t p = lane; p < a.P; p += kWarp) t += weight_at(a, b, p);
@@ -122,7 +103,7 @@ __device__ acc_t row_weight_total(const GmmKernelArgs<acc_t>& a, int64_t b, int 
 }
 
 template <typename acc_t>
-__global__ void gmm_forward_kernel(GmmKernelArgs<acc_t> a) {
+__global__ void gmm_forward_kernel(GmmArgs<acc_t> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -155,7 +136,7 @@ __global__ void gmm_forward_kernel(GmmKernelArgs<acc_t> a) {
 }
 
 template <typename acc_t>
-__global__ void gmm_backward_kernel(GmmKernelArgs<acc_t> a) {
+__global__ void gmm_backward_kernel(GmmArgs<acc_t> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -216,28 +197,6 @@ __global__ void gmm_backward_kernel(GmmKernelArgs<acc_t> a) {
 }
 
 template <typename acc_t>
-GmmKernelArgs<acc_t> make_args(const GmmInputs& p, const at::Tensor& logits, const at::Tensor& mu,
-                               const at::Tensor& log_sigma) {
-  GmmKernelArgs<acc_t> a{};
-  a.logits = logits.const_data_ptr<acc_t>();
-  a.mu = mu.const_data_ptr<acc_t>();
-  a.log_sigma = log_sigma.const_data_ptr<acc_t>();
-  a.points = p.points.const_data_ptr<acc_t>();
-  a.pts_row_stride = p.per_row ? p.points.stride(0) : 0;
-  a.pts_col_stride = p.points.stride(-1);
-  if (p.weights.defined()) {
-    a.weights = p.weights.const_data_ptr<acc_t>();
-    a.w_row_stride = p.weights.stride(0);
-    a.w_col_stride = p.weights.stride(1);
-  }
-  a.B = p.B;
-  a.K = p.K;
-  a.P = p.P;
-  a.normalize = p.normalize;
-  return a;
-}
-
-template <typename acc_t>
 size_t smem_bytes(const GmmInputs& p) {
   const size_t bytes = sizeof(GmmComponent<acc_t>) * static_cast<size_t>(p.K) * kWarpsPerBlock;
   TORCH_CHECK(bytes <= 48 * 1024, "gmm_nll on CUDA supports up to ",
@@ -259,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> gmm_nll_cuda(const at::Tensor& logits, const 
   check_gmm_values(p);
   const at::Tensor l = p.logits.to(acc), m = p.mu.to(acc), s = p.log_sigma.to(acc);
   AT_DISPATCH_FLOATING_TYPES(acc, "gmm_nll_cuda", [&] {
-    auto a = make_args<scalar_t>(p, l, m, s);
+    auto a = make_gmm_args<scalar_t>(p, l, m, s);
     a.loss = loss.mutable_data_ptr<scalar_t>();
     a.total = total.mutable_data_ptr<scalar_t>();
     gmm_forward_kernel<scalar_t><<<blocks_for(p.B), kWarp * kWarpsPerBlock, smem_bytes<scalar_t>(p),
@@ -283,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gmm_nll_backward_cuda(
     check_gmm_values(p);
     const at::Tensor l = p.logits.to(acc), m = p.mu.to(acc), s = p.log_sigma.to(acc);
     AT_DISPATCH_FLOATING_TYPES(acc, "gmm_nll_backward_cuda", [&] {
-      auto a = make_args<scalar_t>(p, l, m, s);
+      auto a = make_gmm_args<scalar_t>(p, l, m, s);
       a.grad_rows = g.const_data_ptr<scalar_t>();
       a.dlogits = dl.mutable_data_ptr<scalar_t>();
       a.dmu = dm.mutable_data_ptr<scalar_t>();
