@@ -457,7 +457,7 @@ def test_opcheck():
     torch.library.opcheck(op, (lp, rf, mask, scores, None, 0.1, 0, 0, 4, 1.0, 1.0, False, None))
     torch.library.opcheck(op, (lp, rf, mask.to(torch.uint8), scores, None, 0.1, 2, 1, 2, 1.0, 1.0, True, 0.5))
     torch.library.opcheck(op, (lp.double(), rf.double(), mask, scores.double(), values.double(), 0.1, 3, 2, 0, 0.9, 0.8, True, None))
-    # outputs of >= 2 MiB take the huge-page-aligned allocation path: still four separate storages
+    # outputs of >= 1 MiB in all are carved from one huge-page block: still four separate storages
     big = make_inputs(512, 1024, seed=0, garbage=False)
     torch.library.opcheck(op, (big[0], big[1], big[2], big[3], big[4], 0.1, 0, 2, 0, 1.0, 0.95, False, None))
     out = op(big[0], big[1], big[2], big[3], None, 0.1, 0, 0, 4, 1.0, 1.0, False, None)
@@ -465,6 +465,30 @@ def test_opcheck():
     assert len({o.untyped_storage().data_ptr() for o in out}) == 4
     torch.library.opcheck(torch.ops.prefcore.masked_whiten, (values, mask, True, True))
     torch.library.opcheck(torch.ops.prefcore.masked_whiten, (values.half(), mask, False, False))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_large_outputs_live_independently_and_never_alias(mode):
+    # 4·B·T·4 bytes ≥ 1 MiB: the CPU op carves its four outputs from one shared block; each must
+    # stay valid after the others are freed (and their memory reused) and writing one must not
+    # touch another.
+    import gc
+
+    lp, rf, mask, scores, values = make_inputs(128, 1024, seed=11, garbage=False)
+    kw = kwargs_for(mode, estimator="k3", values=values if mode == "gae" else None)
+    truth = naive_fp64(lp, rf, mask, scores, **kw)
+    out = prefcore.ops.kl_penalized_advantages(lp, rf, mask, scores, **kw)
+    kl, adv = out.kl, out.advantages
+    del out
+    gc.collect()
+    churn = [torch.full((128, 1024), math.nan) for _ in range(16)]  # would reuse freed memory
+    assert_close_f32(kl, truth[3], what="kl after the others were freed")
+    adv.fill_(7.0)
+    assert_close_f32(kl, truth[3], what="kl after writing advantages")
+    del kl
+    gc.collect()
+    churn += [torch.full((128, 1024), math.nan) for _ in range(16)]
+    assert bool((adv == 7.0).all())
 
 
 def test_torch_compile_fullgraph():

@@ -18,7 +18,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <array>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -464,26 +466,45 @@ Moments<double> merge_in_order(const std::vector<Moments<double>>& parts) {
   return total;
 }
 
-// A (B, T) float32 output. On the benchmark machine first-touching fresh 4 KiB pages cost ~90%
-// of writing an output (8 MB: ~2 ms fresh vs ~0.2 ms rewritten). An output of at least 1 MiB is
-// therefore allocated 2 MiB-aligned, rounded up to whole 2 MiB pages, which are advised to be
-// transparent huge pages (Linux "madvise" mode; advice only, values unaffected; cf.
-// huge_pages.h, whose helper can only use the aligned interior of an allocation). Each output
-// owns its memory (outputs must not alias each other) at storage offset 0, as the fake kernel
-// says. Such a storage is not resizable.
-at::Tensor alloc_output(int64_t B, int64_t T, const at::TensorOptions& opts) {
+// The four (B, T) float32 outputs. Where every large allocation is a fresh mmap (glibc with a
+// low mmap threshold, or any allocation above its 32 MiB maximum), first-touching fresh 4 KiB
+// pages cost ~90% of writing the outputs (8 MB: ~2 ms fresh vs ~0.2 ms rewritten). From 1 MiB
+// in all they are therefore carved from one 2 MiB-aligned block, rounded up to whole 2 MiB
+// pages (< 2 MiB of slack in all) that are advised to be transparent huge pages (Linux
+// "madvise" mode; advice only, values unaffected; cf. huge_pages.h, whose helper can only use
+// the aligned interior of an allocation). One block is one mmap and one munmap per call instead
+// of four. Where the allocator reuses its heap the block comes back already faulted in. Each
+// output is its own storage at offset 0, as the fake kernel says: they never alias; the block
+// is freed with the last of them, so keeping one output keeps the whole block (4× its size)
+// alive. Such storages are not resizable.
+std::array<at::Tensor, 4> alloc_outputs(int64_t B, int64_t T, const at::TensorOptions& opts) {
   constexpr std::size_t kHuge = std::size_t(1) << 21;
   const std::size_t bytes = static_cast<std::size_t>(B * T) * sizeof(float);
+  const std::size_t stride = (bytes + 63) & ~std::size_t(63);  // 64-byte-aligned outputs
+  const std::size_t total = (4 * stride + kHuge - 1) & ~(kHuge - 1);
   void* ptr = nullptr;
-  // From 1 MiB on, the allocation is rounded up to whole 2 MiB pages (at most 1 MiB of slack
-  // per output): one fault zeroing 2 MiB costs far less than 256+ faults of 4 KiB pages
-  // (gae B=64, T=4096, 1 MiB per output: 1.41 → 0.75 ms at 1 thread).
-  const std::size_t rounded = (bytes + kHuge - 1) & ~(kHuge - 1);
-  if (bytes < kHuge / 2 || posix_memalign(&ptr, kHuge, rounded) != 0) return at::empty({B, T}, opts);
+  if (4 * bytes < kHuge / 2 || posix_memalign(&ptr, kHuge, total) != 0) {
+    return {at::empty({B, T}, opts), at::empty({B, T}, opts), at::empty({B, T}, opts), at::empty({B, T}, opts)};
+  }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  (void)madvise(ptr, rounded, MADV_HUGEPAGE);
+  (void)madvise(ptr, total, MADV_HUGEPAGE);
 #endif
-  return at::from_blob(ptr, {B, T}, [](void* p) { std::free(p); }, opts);
+  const std::shared_ptr<void> block(ptr, [](void* p) { std::free(p); });
+  // Fault the block in before the kernels write it, one 2 MiB page per task. The kernels split
+  // rows across threads, so every thread writes into every page, and the first write to a page
+  // zeroes all of it while the other threads wait on it: the zeroing ran serially (~0.2 ms per
+  // 2 MiB page here). Touching distinct pages on distinct threads zeroes them concurrently. One
+  // byte per 2 MiB: where no huge page is granted this faults one small page and the rest fault
+  // in the kernels as before; where the block is already resident it costs nothing.
+  char* base = static_cast<char*>(ptr);
+  at::parallel_for(0, static_cast<int64_t>(total / kHuge), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) *reinterpret_cast<volatile char*>(base + i * kHuge) = 0;
+  });
+  std::array<at::Tensor, 4> outs;
+  for (std::size_t i = 0; i < 4; ++i) {
+    outs[i] = at::from_blob(base + i * stride, {B, T}, [block](void*) {}, opts);
+  }
+  return outs;
 }
 
 // Rows per parallel task: about 16K tokens.
@@ -497,8 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_penalized_advantag
   const AdvantageInputs p = prepare_advantages(logprobs, ref_logprobs, mask, scores, values, kl_coef,
                                                estimator, mode, group_size, gamma, lam, whiten, kl_clamp);
   const auto opts = p.logprobs.options().dtype(at::kFloat);
-  at::Tensor adv = alloc_output(p.B, p.T, opts), ret = alloc_output(p.B, p.T, opts),
-             tr = alloc_output(p.B, p.T, opts), kl = alloc_output(p.B, p.T, opts);
+  auto [adv, ret, tr, kl] = alloc_outputs(p.B, p.T, opts);
   std::vector<Moments<double>> moments(whiten ? static_cast<size_t>(p.B) : 0);
   const bool gae = p.mode == AdvantageMode::kGae;
   const Isa isa = active_isa();
