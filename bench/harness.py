@@ -13,11 +13,11 @@ the process (its mmap threshold adapts, its heap top is trimmed), so identical r
 up to 4× here. The CPU harness therefore times every case under two fixed glibc settings, each
 in its own process (glibc reads them at start-up):
 
-* ``warm`` — the mmap threshold at glibc's maximum (32 MiB) and no trimming: buffers up to
-  32 MiB are reused from the heap, as in a long-running training process (glibc's adaptive
-  threshold climbs to the sizes it sees) or under a caching allocator (jemalloc, tcmalloc,
-  PyTorch's CUDA allocator). Larger buffers are still fresh mmaps. Listed first: it is the
-  steady state of a training loop, and it is stable from run to run.
+* ``warm`` — an mmap threshold of 32 MiB and no trimming: buffers up to 32 MiB are reused from
+  the heap, as in a long-running training process (glibc's adaptive threshold climbs to the
+  sizes it frees, up to 32 MiB) or, for those sizes, under a caching allocator (jemalloc,
+  tcmalloc). Larger buffers are fresh mmaps, as they are under glibc's default. Listed first:
+  it is the steady state of a training loop, and it repeats better from run to run.
 * ``cold`` — every allocation above 128 KiB is a fresh ``mmap`` and every free returns it: each
   call pays for first-touching all of its large buffers (on a VM whose balloon driver reports
   freed 2 MiB blocks to the host this also varies from run to run: once 11 ms vs 1 ms for the
@@ -49,8 +49,8 @@ from typing import Any
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# glibc settings of the two CPU timing regimes (module doc). 32 MiB is the largest mmap threshold
-# glibc accepts; the trim threshold is far above any heap these cases build.
+# glibc settings of the two CPU timing regimes (module doc). 32 MiB is the most glibc's adaptive
+# mmap threshold climbs to; the trim threshold is far above any heap these cases build.
 REGIMES: dict[str, dict[str, str]] = {
     "warm": {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)},
     "cold": {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"},
@@ -246,7 +246,8 @@ def markdown_table(results: list[Measurement], primary: str = "prefcore") -> str
                 cells += ["", ""]
                 continue
             cells.append(f"{m.median_ms:.2f} ({m.p20_ms:.2f}–{m.p80_ms:.2f})")
-            cells.append("—" if (p is None or m.impl == primary) else f"{m.median_ms / p.median_ms:.1f}×")
+            speed = "n/a" if p is None else f"{m.median_ms / p.median_ms:.1f}×"
+            cells.append("—" if m.impl == primary else speed)
             if m.peak_mb is not None:
                 peak = f"{m.peak_mb:.1f}"
         cells.append(peak)
@@ -291,7 +292,8 @@ def _run_regime(regime: str, argv: list[str]) -> list[Measurement]:
         path = os.path.join(tmp, "results.json")
         env = {**os.environ, **REGIMES[regime]}
         cmd = [sys.executable, "-m", "bench", *argv, "--regime", regime, "--_child-out", path]
-        subprocess.run(cmd, env=env, check=True)
+        if subprocess.run(cmd, env=env).returncode != 0:
+            raise RuntimeError(f"the {regime} regime's benchmark process failed (its output is above)")
         with open(path) as f:
             return [Measurement(**m) for m in json.load(f)]
 
@@ -306,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--regime", choices=("both", *REGIMES), default="both",
-                        help="CPU allocator regime(s) to time (see the module doc; default both)")
+                        help="CPU allocator regime(s) to time (module doc; default both); peak memory "
+                             f"is measured in the {MEMORY_REGIME} regime only")
     parser.add_argument("--out", help="JSON path (default bench/results/<machine>-<date>.json)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("--_child-out", dest="child_out", help=argparse.SUPPRESS)
@@ -314,6 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
+    if device.type == "cuda" and args.regime != "both":
+        parser.error("--regime applies to CPU runs (CUDA has one regime: its caching allocator)")
     cases = [c for c in all_cases() if not args.op or c.op in args.op]
     if not cases:
         parser.error(f"no benchmark case matches --op {args.op}")
@@ -327,16 +334,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"# prefcore bench on {info.get('gpu', info['cpu'])}, {args.threads} threads, torch {info['torch']}, "
           f"isa {info['prefcore_cpu_isa']}")
+    failed = False
     if device.type == "cuda":
         for case in cases:
             results.extend(run_case(case, device, use_compile=not args.no_compile, regime="cuda"))
-    elif not sys.platform.startswith("linux"):
-        parser.error("the CPU allocator regimes need glibc (Linux)")
+    elif platform.libc_ver()[0] != "glibc":
+        parser.error("the CPU allocator regimes are glibc settings; this Python does not run on glibc")
     else:
         child_argv = [a for a in argv if a not in ("--no-save",)]
         child_argv = _strip_option(child_argv, ("--out", "--regime"))
         for regime in (REGIMES if args.regime == "both" else (args.regime,)):
-            results.extend(_run_regime(regime, child_argv))
+            try:
+                results.extend(_run_regime(regime, child_argv))
+            except RuntimeError as e:  # keep what the other regime measured
+                print(f"error: {e}", file=sys.stderr)
+                failed = True
+    if not results:
+        return 1
     table = markdown_table(results)
     print()
     print(table)
@@ -349,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump({"machine": info, "date": date, "allocator_regimes": regimes,
                        "results": [asdict(m) for m in results], "ratios": ratios(results)}, f, indent=1)
         print(f"\nwrote {path}")
-    return 0
+    return 1 if failed else 0
 
 
 def _strip_option(argv: list[str], names: tuple[str, ...]) -> list[str]:

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import prefcore
+from prefcore.ops import Advantages
 from prefcore.ops import reference as ref
 from python_tests.helpers import DEVICES, DTYPES, assert_within_lowp_rule, max_abs_err, noncontiguous
 
@@ -489,6 +490,41 @@ def test_large_outputs_live_independently_and_never_alias(mode):
     gc.collect()
     churn += [torch.full((128, 1024), math.nan) for _ in range(16)]
     assert bool((adv == 7.0).all())
+
+
+@pytest.mark.parametrize("t", [16383, 16384])  # B·T = 65532 / 65536: the four outputs just under / at 1 MiB
+def test_output_block_boundary_matches_naive(t):
+    lp, rf, mask, scores, values = make_inputs(4, t, seed=12, garbage=True)
+    for mode in MODES:
+        kw = kwargs_for(mode, k=2, values=values if mode == "gae" else None)
+        out = prefcore.ops.kl_penalized_advantages(lp, rf, mask, scores, **kw)
+        for name, o, tr in zip(Advantages._fields, out, naive_fp64(lp, rf, mask, scores, **kw)):
+            assert o.is_contiguous() and o.shape == (4, t)
+            assert_close_f32(o, tr, scale=math.sqrt(t / 64), what=f"{mode} {name}")
+
+
+def test_output_blocks_are_freed():
+    # Every large allocation a fresh mmap, as in the bench's cold regime: a block that outlived
+    # its four outputs would grow the resident set by 8 MiB per call.
+    code = (
+        "import torch, prefcore\n"
+        "from python_tests.test_ops_advantages import make_inputs, kwargs_for\n"
+        "lp, rf, mask, scores, values = make_inputs(512, 1024, seed=0, garbage=False)\n"
+        "def rss():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024\n"
+        "for mode in ('rloo', 'gae'):\n"
+        "    kw = kwargs_for(mode, values=values if mode == 'gae' else None)\n"
+        "    for _ in range(10): prefcore.ops.kl_penalized_advantages(lp, rf, mask, scores, **kw)\n"
+        "    before = rss()\n"
+        "    for _ in range(100): out = prefcore.ops.kl_penalized_advantages(lp, rf, mask, scores, **kw)\n"
+        "    print(mode, rss() - before)\n"
+    )
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    growth = {line.split()[0]: int(line.split()[1]) for line in res.stdout.splitlines()}
+    assert set(growth) == {"rloo", "gae"}
+    assert all(g < 64 for g in growth.values()), f"resident set grew by {growth} MiB over 100 calls (8 MiB each)"
 
 
 def test_torch_compile_fullgraph():

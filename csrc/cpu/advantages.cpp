@@ -476,7 +476,9 @@ Moments<double> merge_in_order(const std::vector<Moments<double>>& parts) {
 // of four. Where the allocator reuses its heap the block comes back already faulted in. Each
 // output is its own storage at offset 0, as the fake kernel says: they never alias; the block
 // is freed with the last of them, so keeping one output keeps the whole block (4× its size)
-// alive. Such storages are not resizable.
+// alive. Such storages are not resizable. (Where the allocator reuses heap memory, the huge-page
+// advice stays on that range after the block is freed: harmless, it only lets the kernel back
+// it with huge pages.)
 std::array<at::Tensor, 4> alloc_outputs(int64_t B, int64_t T, const at::TensorOptions& opts) {
   constexpr std::size_t kHuge = std::size_t(1) << 21;
   const std::size_t bytes = static_cast<std::size_t>(B * T) * sizeof(float);
@@ -491,9 +493,9 @@ std::array<at::Tensor, 4> alloc_outputs(int64_t B, int64_t T, const at::TensorOp
 #endif
   const std::shared_ptr<void> block(ptr, [](void* p) { std::free(p); });
   // Fault the block in before the kernels write it, one 2 MiB page per task. The kernels split
-  // rows across threads, so every thread writes into every page, and the first write to a page
-  // zeroes all of it while the other threads wait on it: the zeroing ran serially (~0.2 ms per
-  // 2 MiB page here). Touching distinct pages on distinct threads zeroes them concurrently. One
+  // rows across threads, so every thread writes into every page, and each page is zeroed in
+  // full by whichever fault wins it (threads faulting the same page at once zero copies and
+  // discard all but one): the zeroing ran serially (~0.2 ms per 2 MiB page here). Touching distinct pages on distinct threads zeroes them concurrently. One
   // byte per 2 MiB: where no huge page is granted this faults one small page and the rest fault
   // in the kernels as before; where the block is already resident it costs nothing.
   char* base = static_cast<char*>(ptr);

@@ -111,7 +111,7 @@ def kl_penalized_advantages(
     float32 on the inputs' device. ``gamma`` and ``lam`` lie in [0, 1]; ``kl_coef ≥ 0``.
     On CPU, once the four outputs reach 1 MiB together they are carved from one allocation
     (they never overlap), which is freed with the last of them: keeping only one keeps all four's
-    memory.
+    memory. Those outputs cannot be resized in place.
     """
     logprobs = require_floating(logprobs, "logprobs")
     ref_logprobs = require_floating(ref_logprobs, "ref_logprobs")
