@@ -3,8 +3,8 @@
 //
 // A torch extension is compiled for baseline x86-64 (SSE2), while torch.compile's C++
 // codegen targets the machine's AVX2/AVX-512. To compete, each hot loop is written once as an
-// always-inline template (plain C++, auto-vectorisable) and instantiated inside three
-// wrappers carrying __attribute__((target(...))). Only the wrappers carry a target, so inline
+// always-inline template on explicit SIMD values (simd.h) and instantiated inside three
+// wrappers carrying __attribute__((target(...))), each with its ISA's vector width. Only the wrappers carry a target, so inline
 // functions from torch/std headers keep their baseline out-of-line copies (no ODR hazard);
 // the compiler inlines them into the wrapper and vectorises for that ISA.
 // PREFCORE_CPU_ISA=default|avx2|avx512 pins the choice (tests use it to check every clone).
@@ -32,21 +32,23 @@ const char* isa_name(Isa isa);
 #endif
 
 // PREFCORE_ISA_CLONES(name, body): defines template <typename... A> void name(Isa, A&&...) that
-// calls `body(args...)` compiled for the active ISA. `body` must be an always-inline template.
-#define PREFCORE_ISA_CLONES(name, body)                                                   \
-  template <typename... A>                                                                \
-  PREFCORE_TARGET_AVX512 void name##_avx512(A&&... a) { body(static_cast<A&&>(a)...); }   \
-  template <typename... A>                                                                \
-  PREFCORE_TARGET_AVX2 void name##_avx2(A&&... a) { body(static_cast<A&&>(a)...); }       \
-  template <typename... A>                                                                \
-  void name##_default(A&&... a) { body(static_cast<A&&>(a)...); }                         \
-  template <typename... A>                                                                \
-  void name(::prefcore::cpu::Isa isa, A&&... a) {                                         \
-    if (PREFCORE_HAS_X86_CLONES && isa == ::prefcore::cpu::Isa::kAvx512) {                \
-      name##_avx512(static_cast<A&&>(a)...);                                              \
-    } else if (PREFCORE_HAS_X86_CLONES && isa == ::prefcore::cpu::Isa::kAvx2) {           \
-      name##_avx2(static_cast<A&&>(a)...);                                                \
-    } else {                                                                              \
-      name##_default(static_cast<A&&>(a)...);                                             \
-    }                                                                                     \
+// calls `body(args...)` compiled for the active ISA, with that ISA's SIMD width: simd64::body
+// (AVX-512), simd32::body (AVX2) or simd16::body (baseline), the three copies of the op's
+// kernels that simd_namespaces.inc compiles. `body` must be an always-inline template.
+#define PREFCORE_ISA_CLONES(name, body)                                                          \
+  template <typename... A>                                                                       \
+  PREFCORE_TARGET_AVX512 void name##_avx512(A&&... a) { simd64::body(static_cast<A&&>(a)...); }  \
+  template <typename... A>                                                                       \
+  PREFCORE_TARGET_AVX2 void name##_avx2(A&&... a) { simd32::body(static_cast<A&&>(a)...); }      \
+  template <typename... A>                                                                       \
+  void name##_default(A&&... a) { simd16::body(static_cast<A&&>(a)...); }                        \
+  template <typename... A>                                                                       \
+  void name(::prefcore::cpu::Isa isa, A&&... a) {                                                \
+    if (PREFCORE_HAS_X86_CLONES && isa == ::prefcore::cpu::Isa::kAvx512) {                       \
+      name##_avx512(static_cast<A&&>(a)...);                                                     \
+    } else if (PREFCORE_HAS_X86_CLONES && isa == ::prefcore::cpu::Isa::kAvx2) {                  \
+      name##_avx2(static_cast<A&&>(a)...);                                                       \
+    } else {                                                                                     \
+      name##_default(static_cast<A&&>(a)...);                                                    \
+    }                                                                                            \
   }

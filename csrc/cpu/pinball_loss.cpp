@@ -35,72 +35,8 @@ struct PinballArgs {
   scalar_t* dpred;           // (R, Q) or nullptr
 };
 
-// Q is padded up to whole 64-byte SIMD blocks in scratch (pad lanes compute values that are
-// never stored), so the hot loop has no scalar tail and its accumulators stay in registers
-// across the loop over targets.
-template <bool kHuber, bool kGrad, typename scalar_t, typename acc_t>
-PREFCORE_ALWAYS_INLINE void pinball_rows(std::bool_constant<kHuber>, std::bool_constant<kGrad>,
-                                         const PinballArgs<scalar_t, acc_t>& a, int64_t r0,
-                                         int64_t r1) {
-  constexpr int64_t W = kLanes<acc_t>;
-  const int64_t Q = a.Q, N = a.N;
-  const int64_t Qp = (Q + W - 1) / W * W;
-  const HuberScale<acc_t> h{a.kappa, kHuber ? acc_t(1) / a.kappa : acc_t(0)};
-  std::vector<acc_t> scratch(4 * Qp + N);
-  acc_t* __restrict p = scratch.data();
-  acc_t* __restrict taus = p + Qp;
-  acc_t* __restrict lacc = taus + Qp;
-  acc_t* __restrict gacc = lacc + Qp;
-  acc_t* __restrict t = gacc + Qp;
-  for (int64_t q = 0; q < Qp; ++q) {
-    taus[q] = q < Q ? a.taus[q] : acc_t(0.5);
-    p[q] = acc_t(0);
-  }
-  for (int64_t r = r0; r < r1; ++r) {
-    const acc_t* tr = a.target + r * N;
-    int64_t nv = 0;
-    if (a.mask != nullptr) {
-      const bool* mr = a.mask + r * N;
-      for (int64_t n = 0; n < N; ++n) {
-        t[nv] = tr[n];
-        nv += mr[n] ? 1 : 0;
-      }
-    } else {
-      for (int64_t n = 0; n < N; ++n) t[n] = tr[n];
-      nv = N;
-    }
-    if (nv == 0) {  // no valid target: loss 0, gradient 0 (DESIGN §3.1)
-      if (a.loss) a.loss[r] = acc_t(0);
-      if (kGrad) for (int64_t q = 0; q < Q; ++q) a.dpred[r * Q + q] = scalar_t(0);
-      continue;
-    }
-    const scalar_t* pr = a.pred + r * Q;
-    for (int64_t q = 0; q < Q; ++q) p[q] = static_cast<acc_t>(pr[q]);
-    using V = Simd<acc_t>;
-    for (int64_t qb = 0; qb < Qp; qb += W) {
-      const V pv = simd_load(p + qb);
-      const V tv = simd_load(taus + qb);
-      V L{}, G{};
-      for (int64_t n = 0; n < nv; ++n) {
-        const V u = t[n] - pv;
-        L += pinball_rho<kHuber, V, acc_t>(u, tv, h);
-        if (kGrad) G += pinball_dpred<kHuber, V, acc_t>(u, tv, h);
-      }
-      simd_store(lacc + qb, L);
-      if (kGrad) simd_store(gacc + qb, G);
-    }
-    const acc_t scale = acc_t(1) / (static_cast<acc_t>(nv) * static_cast<acc_t>(Q));
-    if (a.loss) {
-      acc_t s = acc_t(0);
-      for (int64_t q = 0; q < Q; ++q) s += lacc[q];
-      a.loss[r] = s * scale;
-    }
-    if (kGrad) {
-      const acc_t gs = a.grad_rows ? a.grad_rows[r] * scale : scale;
-      for (int64_t q = 0; q < Q; ++q) a.dpred[r * Q + q] = static_cast<scalar_t>(gacc[q] * gs);
-    }
-  }
-}
+#define PREFCORE_SIMD_KERNELS "cpu/pinball_loss_simd.inc"
+#include "cpu/simd_namespaces.inc"
 
 PREFCORE_ISA_CLONES(pinball_rows_isa, pinball_rows)
 

@@ -1,53 +1,28 @@
 #pragma once
-// Explicit 64-byte SIMD values (GCC/Clang vector extensions) for the CPU hot loops.
-// A Simd<float> is 16 lanes: one zmm register in the AVX-512 clone, two ymm in the AVX2 clone,
-// four xmm in the baseline clone (see isa.h) — the same source, vectorised for each ISA
-// without relying on the auto-vectoriser. The scalar maths in csrc/include/prefcore/ is
-// written so it accepts these values as well as scalars (comparisons, ?:, scalar broadcast).
+// Explicit SIMD values (GCC/Clang vector extensions) for the CPU hot loops, one width per ISA
+// clone (isa.h): 64 bytes in the AVX-512 clone (one zmm), 32 in the AVX2 clone (one ymm), 16 in
+// the baseline clone (one xmm / NEON register). The width must match the clone: on a 64-byte
+// vector without AVX-512, GCC 12 expands every comparison and `?:` select element by element
+// (-Wvector-operation-performance), which made the AVX2 clone 3–23× slower than the AVX-512 one.
+//
+// The width-dependent kernels are written once, in a `<op>_simd.inc` file, and compiled three
+// times by simd_namespaces.inc, inside namespaces simd64 / simd32 / simd16 that each fix
+// `kSimdBytes`; simd_width.inc then gives each namespace its `Simd<T>`, `kLanes<T>`, loads,
+// stores and elementwise maths. The scalar maths in csrc/include/prefcore/ accepts these values
+// as well as scalars (comparisons, ?:, scalar broadcast).
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace prefcore::cpu {
 
-template <typename T>
-struct SimdOf;
-template <>
-struct SimdOf<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct SimdOf<double> {
-  typedef double type __attribute__((vector_size(64)));
+template <typename T, int kBytes>
+struct SimdOfN {
+  typedef T type __attribute__((vector_size(kBytes)));
 };
 
-template <typename T>
-using Simd = typename SimdOf<T>::type;
-
-template <typename T>
-constexpr int64_t kLanes = 64 / sizeof(T);
-
-template <typename T>
-inline __attribute__((always_inline)) Simd<T> simd_load(const T* p) {
-  Simd<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-inline __attribute__((always_inline)) void simd_store(T* p, Simd<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-template <typename T>
-inline __attribute__((always_inline)) Simd<T> simd_splat(T x) {
-  return Simd<T>{} + x;
-}
-
-template <typename T>
-inline __attribute__((always_inline)) T simd_sum(Simd<T> v) {
-  T s = T(0);
-  for (int64_t j = 0; j < kLanes<T>; ++j) s += v[j];
-  return s;
-}
+template <typename T, int kBytes>
+using SimdN = typename SimdOfN<T, kBytes>::type;
 
 }  // namespace prefcore::cpu
