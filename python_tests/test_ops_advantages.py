@@ -542,6 +542,8 @@ def test_torch_compile_fullgraph():
 
 
 def test_every_cpu_isa_clone_matches_reference():
+    # Each clone has its own SIMD width (16/8/4 float lanes, 8/4/2 double lanes); T = 77 leaves a
+    # partial block at every width and the span rows cross chunk boundaries.
     script = (
         "import torch, prefcore, sys\n"
         "from prefcore.ops import reference as ref\n"
@@ -550,15 +552,15 @@ def test_every_cpu_isa_clone_matches_reference():
         "lp = torch.randn(B, T); rf = lp + 0.4 * torch.randn(B, T); m = torch.rand(B, T) > 0.3; m[1] = False\n"
         "idx = torch.arange(T); m[2] = idx < 40; m[3] = idx >= 9; m[4] = (idx >= 16) & (idx < 64); m[5] = True\n"
         "sc = torch.randn(B); v = torch.randn(B, T)\n"
-        "for est in ('k1', 'k2', 'k3', 'abs'):\n"
-        "  for mode in ('rloo', 'grpo', 'gae'):\n"
+        "for est, mode, dt in [(e, md, d) for e in ('k1', 'k2', 'k3', 'abs') for md in ('rloo', 'grpo', 'gae')\n"
+        "                      for d in (torch.float32, torch.float64)]:\n"
         "    kw = dict(kl_coef=0.1, estimator=est, mode=mode, whiten=True, kl_clamp=0.9)\n"
-        "    kw.update(values=v, gamma=0.9, lam=0.8) if mode == 'gae' else kw.update(group_size=3)\n"
-        "    a = prefcore.ops.kl_penalized_advantages(lp, rf, m, sc, **kw)\n"
+        "    kw.update(values=v.to(dt), gamma=0.9, lam=0.8) if mode == 'gae' else kw.update(group_size=3)\n"
+        "    a = prefcore.ops.kl_penalized_advantages(lp.to(dt), rf.to(dt), m, sc.to(dt), **kw)\n"
         "    kw64 = dict(kw); kw64['values'] = v.double() if mode == 'gae' else None\n"
         "    b = ref.kl_penalized_advantages(lp.double(), rf.double(), m, sc.double(), **kw64)\n"
         "    for x, y in zip(a, b):\n"
-        "      assert (x.double() - y).abs().max() < 1e-5, (est, mode)\n"
+        "      assert (x.double() - y).abs().max() < 1e-5, (est, mode, dt)\n"
         "print(prefcore._C.cpu_isa())\n"
     )
     for isa in ("default", "avx2", "avx512"):

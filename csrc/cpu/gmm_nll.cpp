@@ -1,8 +1,8 @@
 // CPU kernels of gmm_nll and _gmm_nll_backward (DESIGN §3.2). Maths: prefcore/gmm_math.h.
 //
 // One pass over a row's points per direction. Points are processed one SIMD value at a time
-// (16/8/4 float lanes in the AVX-512/AVX2/baseline clones, see simd.h); per lane block the K log-terms a_k are formed, their
-// max-shifted exps give the mixture log-density (forward) or the responsibilities, which are
+// (16/8/4 float or 8/4/2 double lanes in the AVX-512/AVX2/baseline clones, see simd.h); per
+// lane block the K log-terms a_k are formed, their max-shifted exps give the mixture log-density (forward) or the responsibilities, which are
 // folded straight into three sums per component (backward). Nothing of size (B, K, G) exists:
 // per thread the scratch is the row's points, weights and (normalize_grid) log-densities, plus
 // O(K) SIMD blocks. With few points per row (raw annotator scores) gmm_tiles puts W rows

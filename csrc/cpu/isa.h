@@ -4,9 +4,10 @@
 // A torch extension is compiled for baseline x86-64 (SSE2), while torch.compile's C++
 // codegen targets the machine's AVX2/AVX-512. To compete, each hot loop is written once as an
 // always-inline template on explicit SIMD values (simd.h) and instantiated inside three
-// wrappers carrying __attribute__((target(...))), each with its ISA's vector width. Only the wrappers carry a target, so inline
-// functions from torch/std headers keep their baseline out-of-line copies (no ODR hazard);
-// the compiler inlines them into the wrapper and vectorises for that ISA.
+// wrappers carrying __attribute__((target(...))), each with its ISA's vector width. Only the
+// wrappers carry a target, so inline functions from torch/std headers keep their baseline
+// out-of-line copies (no ODR hazard); the compiler inlines them into the wrapper and
+// vectorises for that ISA.
 // PREFCORE_CPU_ISA=default|avx2|avx512 pins the choice (tests use it to check every clone).
 #include <cstdint>
 
