@@ -43,6 +43,23 @@ struct UtilityArgs {
 
 PREFCORE_ISA_CLONES(utility_rows_isa, utility_rows)
 
+// With fewer than 32 quantiles per row the AVX-512 clone runs the 32-byte kernels (ymm, still
+// AVX-512 code): 16-lane blocks pad Q = 19 to 32 lanes and mix it in two overlapping blocks.
+// Measured at B = 65536, M = Q = 19, 2 threads: forward 4.85 → ~4.0 ms, fwd+bwd 26.1 → ~23 ms.
+template <typename... A>
+PREFCORE_TARGET_AVX512 void utility_rows_avx512_ymm(A&&... a) {
+  simd32::utility_rows(static_cast<A&&>(a)...);
+}
+
+template <typename... A>
+void utility_rows_dispatch(Isa isa, int64_t Q, A&&... a) {
+  if (PREFCORE_HAS_X86_CLONES && isa == Isa::kAvx512 && Q < 32) {
+    utility_rows_avx512_ymm(static_cast<A&&>(a)...);
+  } else {
+    utility_rows_isa(isa, static_cast<A&&>(a)...);
+  }
+}
+
 template <typename scalar_t>
 UtilityArgs<scalar_t, at::opmath_type<scalar_t>> make_args(const UtilityInputs& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -66,7 +83,7 @@ at::Tensor exp_utility_cpu(const at::Tensor& quantiles, const at::Tensor& lam,
     a.out = out.mutable_data_ptr<scalar_t>();
     const Isa isa = active_isa();
     at::parallel_for(0, p.B, grain_for(p), [&](int64_t b0, int64_t b1) {
-      utility_rows_isa(isa, std::false_type{}, a, b0, b1);
+      utility_rows_dispatch(isa, p.Q, std::false_type{}, a, b0, b1);
     });
   });
   return out;
@@ -90,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> exp_utility_backward_cpu(const at::Tensor& gr
     a.grad_gate = p.gate.defined() ? grad_gate.mutable_data_ptr<scalar_t>() : nullptr;
     const Isa isa = active_isa();
     at::parallel_for(0, p.B, grain_for(p), [&](int64_t b0, int64_t b1) {
-      utility_rows_isa(isa, std::true_type{}, a, b0, b1);
+      utility_rows_dispatch(isa, p.Q, std::true_type{}, a, b0, b1);
     });
   });
   return {grad_q, grad_gate};
