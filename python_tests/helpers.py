@@ -1,8 +1,15 @@
 """Test helpers: devices, dtypes with tolerances, and the low-precision tolerance rule."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_ISAS = ("default", "avx2", "avx512")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -37,3 +44,18 @@ def noncontiguous(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] > 1:
         assert not out.is_contiguous()
     return out.requires_grad_(x.requires_grad) if x.is_leaf and x.requires_grad else out
+
+
+def run_in_every_cpu_isa(script: str) -> list[str]:
+    """Runs ``script`` (Python source that ends by printing ``prefcore._C.cpu_isa()``) in a fresh
+    process once per ``PREFCORE_CPU_ISA`` value, so every CPU clone — each with its own SIMD
+    width — runs it. Asserts each run succeeds and names a known ISA; returns the ISAs that ran
+    (a request is capped at what the CPU supports)."""
+    seen = []
+    for isa in CPU_ISAS:
+        env = dict(os.environ, PREFCORE_CPU_ISA=isa, PYTHONPATH=ROOT)
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"PREFCORE_CPU_ISA={isa}: {proc.stderr}"
+        seen.append(proc.stdout.strip())
+        assert seen[-1] in CPU_ISAS, seen[-1]
+    return seen

@@ -22,11 +22,11 @@ import torch
 import prefcore
 from prefcore.ops import Advantages
 from prefcore.ops import reference as ref
-from python_tests.helpers import DEVICES, DTYPES, assert_within_lowp_rule, max_abs_err, noncontiguous
+from python_tests.helpers import (ROOT, DEVICES, DTYPES, assert_within_lowp_rule, max_abs_err, noncontiguous,
+                                  run_in_every_cpu_isa)
 
 ESTIMATORS = ("k1", "k2", "k3", "abs")
 MODES = ("rloo", "grpo", "gae")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---- inputs and the independent float64 loop ------------------------------------------------
@@ -563,11 +563,7 @@ def test_every_cpu_isa_clone_matches_reference():
         "      assert (x.double() - y).abs().max() < 1e-5, (est, mode, dt)\n"
         "print(prefcore._C.cpu_isa())\n"
     )
-    for isa in ("default", "avx2", "avx512"):
-        env = dict(os.environ, PREFCORE_CPU_ISA=isa, PYTHONPATH=ROOT)
-        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip() in ("default", "avx2", "avx512")
+    run_in_every_cpu_isa(script)
 
 
 # ---- bad input ----------------------------------------------------------------------------------

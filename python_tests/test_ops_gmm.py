@@ -9,9 +9,6 @@ the error of the reference run in that dtype (+ slack).
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +18,7 @@ import torch
 
 import prefcore
 from prefcore.ops import reference as ref
-from python_tests.helpers import DEVICES, DTYPES, assert_within_lowp_rule, noncontiguous
+from python_tests.helpers import DEVICES, DTYPES, assert_within_lowp_rule, noncontiguous, run_in_every_cpu_isa
 
 TIGHT = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
@@ -300,9 +297,8 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
-def test_every_cpu_isa_clone_matches_reference(tmp_path):
-    script = tmp_path / "isa_check.py"
-    script.write_text(
+def test_every_cpu_isa_clone_matches_reference():
+    script = (
         "import torch, prefcore\n"
         "from prefcore.ops import reference as ref\n"
         "torch.manual_seed(0)\n"
@@ -320,14 +316,7 @@ def test_every_cpu_isa_clone_matches_reference(tmp_path):
         "      assert (ga.double() - gb).abs().max() < 1e-5\n"
         "print(prefcore._C.cpu_isa())\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    seen = set()
-    for isa in ("default", "avx2", "avx512"):
-        env = dict(os.environ, PREFCORE_CPU_ISA=isa, PYTHONPATH=root)
-        proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        seen.add(proc.stdout.strip())
-    assert "default" in seen
+    assert "default" in run_in_every_cpu_isa(script)
 
 
 # ---- bad input -----------------------------------------------------------------------------

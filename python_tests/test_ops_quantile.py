@@ -19,7 +19,7 @@ import torch
 
 import prefcore
 from prefcore.ops import reference as ref
-from python_tests.helpers import DEVICES, DTYPES, assert_within_lowp_rule, noncontiguous
+from python_tests.helpers import DEVICES, DTYPES, assert_within_lowp_rule, noncontiguous, run_in_every_cpu_isa
 
 TAUS19 = torch.linspace(0.05, 0.95, 19)
 TIGHT = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
@@ -301,9 +301,8 @@ def test_torch_compile_fullgraph():
 
 # ---- every ISA clone computes the same thing -------------------------------------------------
 
-def test_every_cpu_isa_clone_matches_reference(tmp_path):
-    script = tmp_path / "isa_check.py"
-    script.write_text(
+def test_every_cpu_isa_clone_matches_reference():
+    script = (
         "import torch, prefcore, sys\n"
         "from prefcore.ops import reference as ref\n"
         "torch.manual_seed(0)\n"
@@ -324,12 +323,7 @@ def test_every_cpu_isa_clone_matches_reference(tmp_path):
         "  assert (ga.double() - gb).abs().max() < 1e-5, (kind, dt)\n"
         "print(prefcore._C.cpu_isa())\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for isa in ("default", "avx2", "avx512"):
-        env = dict(os.environ, PREFCORE_CPU_ISA=isa, PYTHONPATH=root)
-        proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip() in ("default", "avx2", "avx512")
+    run_in_every_cpu_isa(script)
 
 
 def test_import_without_extension_fails_loudly(tmp_path):
