@@ -1,8 +1,8 @@
 """The ``prefcore`` command line.
 
 ``prefcore train-rm --method {bt,bt-margin,qrm,gmm,mean-var} [--data …] [--backbone …] [--out DIR]``
-trains a reward model (see :mod:`prefcore.train.reward_model`); every flag of
-:class:`prefcore.train.reward_model.TrainRMConfig` is accepted, or a single ``.json``/``.yaml``
+trains a reward model (see :mod:`prefcore.train.rm.trainer`); every flag of
+:class:`prefcore.train.rm.trainer.TrainRMConfig` is accepted, or a single ``.json``/``.yaml``
 file holding them. ``prefcore bench`` runs the benchmark harness of a source checkout.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def parse_train_rm(argv: Sequence[str]):
 
     from transformers import HfArgumentParser
 
-    from prefcore.train.reward_model import TrainRMConfig
+    from prefcore.train.rm.trainer import TrainRMConfig
 
     parser = HfArgumentParser(TrainRMConfig, prog="prefcore train-rm",
                               description="Train a distributional (or point) reward model.")
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train-rm":
-        from prefcore.train.reward_model import train_reward_model
+        from prefcore.train.rm.trainer import train_reward_model
 
         try:
             train_reward_model(parse_train_rm(rest))

@@ -2,7 +2,7 @@
 mean-variance heads, with resumable checkpoints, JSONL metrics and an evaluation report.
 
 The frozen-backbone path is what QRM does: pooled features of every text are extracted once
-(:mod:`prefcore.train.features`, cached under ``OUT/features``) and only the heads are trained.
+(:mod:`prefcore.train.rm.features`, cached under ``OUT/features``) and only the heads are trained.
 The embedded synthetic default (:mod:`prefcore.data.synthetic`) provides features directly.
 
 Methods (``TrainRMConfig.method``) and the data each needs:
@@ -29,7 +29,7 @@ from torch import nn
 
 from prefcore._io import atomic_save_safetensors, atomic_write_json
 from prefcore.train.loop import METRICS, LoopConfig, MetricsLog, load_checkpoint, run_stage
-from prefcore.train.rm_sources import DATA_FORMATS, PAIR_FORMATS
+from prefcore.train.rm.sources import DATA_FORMATS, PAIR_FORMATS
 
 METHODS = ("bt", "bt-margin", "qrm", "gmm", "mean-var")
 GMM_TARGETS = ("scores", "em", "histogram")
@@ -124,7 +124,7 @@ class TrainRMConfig:
 def _saved_config(cfg: TrainRMConfig) -> dict:
     """The settings that define a run, with the SHA-256 of its data files (a resumed run must
     match them all)."""
-    from prefcore.train.rm_sources import data_fingerprint
+    from prefcore.train.rm.sources import data_fingerprint
 
     d = asdict(cfg)
     for volatile in ("resume", "progress", "device"):
@@ -143,7 +143,7 @@ def load_heads(out_dir: str) -> tuple[nn.ModuleDict, dict]:
     """Rebuild the heads saved by a run: ``(heads, head_config)``."""
     from safetensors.torch import load_file
 
-    from prefcore.train.rm_methods import build_heads
+    from prefcore.train.rm.methods import build_heads
 
     with open(os.path.join(out_dir, "heads.json")) as f:
         head_cfg = json.load(f)
@@ -159,7 +159,7 @@ def format_report(report: dict) -> str:
 
 
 def train_reward_model(cfg: TrainRMConfig, data=None) -> dict:
-    """Train ``cfg.method`` on ``data`` (an :class:`~prefcore.train.rm_data.RMData`; default: loaded
+    """Train ``cfg.method`` on ``data`` (an :class:`~prefcore.train.rm.data.RMData`; default: loaded
     from ``cfg.data``) into ``cfg.out``; returns the evaluation report (also written to
     ``OUT/report.json`` and printed).
 
@@ -167,8 +167,8 @@ def train_reward_model(cfg: TrainRMConfig, data=None) -> dict:
     ``checkpoint_every`` steps and per stage), ``heads.safetensors`` + ``heads.json`` and
     ``report.json``. With ``cfg.resume`` the run continues from the checkpoint and ends exactly as
     the uninterrupted run would (same weights, same metrics log, same report)."""
-    from prefcore.train.rm_methods import build_heads, evaluate, head_config, stages
-    from prefcore.train.rm_sources import load_rm_data
+    from prefcore.train.rm.methods import build_heads, evaluate, head_config, stages
+    from prefcore.train.rm.sources import load_rm_data
 
     out = cfg.out
     os.makedirs(out, exist_ok=True)

@@ -1,7 +1,7 @@
 """Feature-space training data of reward models: rated items and preference pairs.
 
 Text data sets are turned into these by extracting frozen-backbone features once
-(:func:`prefcore.train.features.extract_features`); the synthetic population provides them directly.
+(:func:`prefcore.train.rm.features.extract_features`); the synthetic population provides them directly.
 """
 from __future__ import annotations
 

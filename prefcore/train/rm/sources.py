@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from prefcore.train.rm_data import PairsData, RatingsData, RMData
+from prefcore.train.rm.data import PairsData, RatingsData, RMData
 
 DATA_FORMATS = ("prefcore", "helpsteer2", "ultrafeedback", "ultrafeedback-binarized", "hh-rlhf", "multi-annotator")
 PAIR_FORMATS = ("prefcore", "ultrafeedback-binarized", "hh-rlhf")
@@ -51,7 +51,7 @@ class TextEmbedder:
         self.cache_dir, self.max_length, self.batch_size = cache_dir, max_length, batch_size
 
     def __call__(self, name: str, texts: Sequence[str]) -> torch.Tensor:
-        from prefcore.train.features import extract_features, load_features
+        from prefcore.train.rm.features import extract_features, load_features
 
         out = os.path.join(self.cache_dir, name)
         extract_features(self.backbone, self.tokenizer, list(texts), out, batch_size=self.batch_size,
@@ -146,9 +146,9 @@ def _pairs(ds, path: str, embed: TextEmbedder, *, with_prompts: bool, need_margi
 
 
 def load_rm_data(cfg) -> RMData:
-    """The training data named by ``cfg`` (a :class:`~prefcore.train.reward_model.TrainRMConfig`)."""
+    """The training data named by ``cfg`` (a :class:`~prefcore.train.rm.trainer.TrainRMConfig`)."""
     if cfg.data == "synthetic":
-        from prefcore.train.rm_synthetic import synthetic_rm_data
+        from prefcore.train.rm.synthetic import synthetic_rm_data
 
         return synthetic_rm_data(cfg)
     for name, path in (("data", cfg.data), ("pairs", cfg.pairs)):

@@ -1,5 +1,5 @@
 """The reward-model methods: which heads each builds, the stages that train them, and the
-held-out metrics each reports. Used by :func:`prefcore.train.reward_model.train_reward_model`."""
+held-out metrics each reports. Used by :func:`prefcore.train.rm.trainer.train_reward_model`."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -13,7 +13,7 @@ from prefcore import ops
 from prefcore.eval import metrics as M
 from prefcore.losses import bradley_terry_loss
 from prefcore.models import GatingNetwork, GMMHead, MeanVarianceHead, QuantileHead, ScalarHead
-from prefcore.train.rm_data import PairsData, RatingsData, RMData
+from prefcore.train.rm.data import PairsData, RatingsData, RMData
 
 Batch = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 

@@ -12,9 +12,9 @@ import torch
 
 from prefcore.cli import main, parse_train_rm
 from prefcore.train import loop as loop_mod
-from prefcore.train.reward_model import TrainRMConfig, load_heads, train_reward_model
-from prefcore.train.rm_methods import evaluate
-from prefcore.train.rm_sources import load_rm_data
+from prefcore.train.rm.trainer import TrainRMConfig, load_heads, train_reward_model
+from prefcore.train.rm.methods import evaluate
+from prefcore.train.rm.sources import load_rm_data
 
 SMALL = ["--num_items", "600", "--num_pairs", "600", "--steps", "120", "--gate_steps", "60",
          "--batch_size", "128", "--checkpoint_every", "25", "--progress", "false"]
@@ -140,8 +140,8 @@ def test_text_data_through_a_local_backbone(tmp_path):
         assert heads_cfg["in_features"] == 16  # the tiny backbone's hidden size: features came from it
         assert any((out / "features" / "ratings-responses").glob("*.safetensors")) or method == "bt-margin"
     # A trained run scores new texts: the same features (up to batching) and distribution as its cache.
-    from prefcore.train.features import load_features
-    from prefcore.train.scoring import RunScorer
+    from prefcore.train.rm.features import load_features
+    from prefcore.train.rm.scoring import RunScorer
 
     records = world.to_records()[:5]
     scorer = RunScorer.load(str(tmp_path / "run-gmm"))

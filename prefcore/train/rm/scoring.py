@@ -37,7 +37,7 @@ class RunScorer:
     @classmethod
     def load(cls, run_dir: str, *, backbone: str | None = None, device: str = "cpu") -> RunScorer:
         """Load ``run_dir``'s heads; the backbone is ``backbone`` or the run's ``--backbone``."""
-        from prefcore.train.reward_model import load_heads
+        from prefcore.train.rm.trainer import load_heads
 
         heads, head_cfg = load_heads(run_dir)
         with open(os.path.join(run_dir, "config.json")) as f:
@@ -45,7 +45,7 @@ class RunScorer:
         path = backbone or cfg.get("backbone")
         if path is None:
             return cls(heads, head_cfg, max_length=cfg.get("max_length", 256))
-        from prefcore.train.rm_sources import load_text_encoder
+        from prefcore.train.rm.sources import load_text_encoder
 
         backbone_model, tok = load_text_encoder(path, device)  # as the run embedded its texts
         return cls(heads, head_cfg, backbone_model, tok, cfg.get("max_length", 256))
@@ -53,14 +53,14 @@ class RunScorer:
     # ---- features ----------------------------------------------------------------------------
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        from prefcore.train.features import embed_texts
+        from prefcore.train.rm.features import embed_texts
 
         if self.backbone is None:
             raise ValueError("this run was trained on features (synthetic default): pass features, not texts")
         return embed_texts(self.backbone, self.tokenizer, texts, max_length=self.max_length).float()
 
     def text_features(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        from prefcore.train.rm_sources import response_text
+        from prefcore.train.rm.sources import response_text
 
         if len(prompts) != len(responses):
             raise ValueError(f"prompts and responses must have the same length, got {len(prompts)} and {len(responses)}")

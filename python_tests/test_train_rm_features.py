@@ -1,4 +1,4 @@
-"""prefcore.train.features: the resumable on-disk feature cache for frozen backbones.
+"""prefcore.train.rm.features: the resumable on-disk feature cache for frozen backbones.
 
 Features are compared with the transformers backbone run on each text alone (2e-5, fp32);
 resumed runs must equal an uninterrupted run bit for bit (same batch size).
@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from prefcore.train.features import INDEX_NAME, extract_features, load_features, shard_name
+from prefcore.train.rm.features import INDEX_NAME, extract_features, load_features, shard_name
 from python_tests.tiny_transformers import HIDDEN, TEXTS, make_llama, make_tokenizer, token_ids
 
 TEXTS_X2 = TEXTS + [t + " thanks" for t in TEXTS]  # 22 texts → 6 shards of 4 (last one holds 2)

@@ -14,7 +14,7 @@ import torch
 
 from prefcore.data.synthetic import RatingsWorld, RatingsWorldConfig, make_ratings_world, sample_vote_pairs
 from prefcore.losses import vote_margin
-from prefcore.train.rm_data import PairsData, RatingsData, RMData
+from prefcore.train.rm.data import PairsData, RatingsData, RMData
 
 NUM_VOTES = 10
 
