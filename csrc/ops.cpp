@@ -42,6 +42,20 @@ TORCH_LIBRARY(prefcore, m) {
       "Tensor? values, float kl_coef, int estimator, int mode, int group_size, float gamma, "
       "float lam, bool whiten, float? kl_clamp) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("masked_whiten(Tensor x, Tensor mask, bool unbiased, bool shift_mean) -> Tensor");
+
+  // ---- fused token log-probs from hidden states × LM head (DESIGN §3.5) ----
+  // hidden (N, H), weight (V, H) same dtype, targets (N,) int64/int32, mask (N,) bool or None.
+  // Returns (logprobs (N,), entropy (N,) — empty (0,) unless return_entropy —, lse (N,)), all in
+  // the accumulation dtype; masked tokens are 0. lse is saved for the backward op.
+  m.def(
+      "token_logprobs(Tensor hidden, Tensor weight, Tensor targets, Tensor? mask, float temperature, "
+      "bool return_entropy) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_hidden (N, H) or (0,), grad_weight (V, H) or (0,)); entropy is read only with
+  // grad_entropy.
+  m.def(
+      "_token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
+      "Tensor targets, Tensor? mask, Tensor lse, Tensor entropy, float temperature, bool need_hidden_grad, "
+      "bool need_weight_grad) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -10,6 +10,7 @@ from prefcore.ops.advantages import (
 )
 from prefcore.ops.gmm import gmm_nll
 from prefcore.ops.quantile import exp_utility, pinball_loss
+from prefcore.ops.token_logprobs import token_logprobs
 
 __all__ = [
     "reference",
@@ -21,4 +22,5 @@ __all__ = [
     "masked_whiten",
     "k_major_to_prompt_major",
     "prompt_major_to_k_major",
+    "token_logprobs",
 ]

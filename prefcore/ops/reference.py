@@ -295,3 +295,33 @@ def kl_penalized_advantages(
     else:
         raise ValueError(f"mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
     return Advantages(adv, returns, r, kl)
+
+
+# ---- token log-probs (DESIGN §3.5) --------------------------------------------------------
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`prefcore.ops.token_logprobs`: materialises the ``(*, V)`` logits in
+    the input dtype (``log_softmax(h @ Wᵀ / T).gather``); outputs float32 (float64 for float64)."""
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logp = torch.log_softmax((hidden @ weight.T) / temperature, dim=-1)
+    t = targets.long()
+    if mask is not None:
+        t = torch.where(mask, t, torch.zeros_like(t))  # masked ids are ignored, even out of range
+    lp = logp.gather(-1, t.unsqueeze(-1)).squeeze(-1).to(out_dtype)
+    if mask is not None:
+        lp = torch.where(mask, lp, torch.zeros_like(lp))
+    if not return_entropy:
+        return lp
+    ent = -(logp.exp() * logp).sum(-1).to(out_dtype)
+    if mask is not None:
+        ent = torch.where(mask, ent, torch.zeros_like(ent))
+    return lp, ent
