@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/StorageImpl.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -77,12 +79,43 @@ Moments<double> merge_in_order(const std::vector<Moments<double>>& parts) {
   return total;
 }
 
-// The four (B, T) float32 outputs: ordinary torch allocations (resizable storages, the
-// allocator's own reuse). A one-block huge-page output (posix_memalign + from_blob + madvise +
-// a page-parallel fault-in) used to stand here; in an ordinary process (glibc defaults, 2
-// threads) it made the rloo call 1.1-13 ms instead of ~0.5 ms, see bench/README.md.
+// The four (B, T) float32 outputs, carved from ONE allocation of torch's CPU allocator. In an
+// ordinary process (glibc defaults) four separate 2 MiB outputs that the caller frees together
+// leave 8 MiB on top of the heap, which glibc trims (its trim threshold follows the 2 MiB
+// allocations: 4 MiB), so every call faulted 8 MiB of fresh pages back in: 2016 faults and
+// 4.7-4.9 ms thread CPU per rloo call at B=512, T=1024 (1 thread) vs 0 faults and 1.5 ms with
+// one block (one 8 MiB free raises the thresholds to 8/16 MiB, and the block is reused). Each
+// output is still an ordinary CPU storage of its own (offset 0, never aliasing another, and
+// resizable: a resize moves it to a fresh allocation of torch's allocator); the block is freed
+// with the last output that uses it. The huge-page block that stood here (posix_memalign +
+// madvise + a page-parallel fault-in) cost 2.4-3.1 ms per call (a fresh THP block zeroed every
+// call) and stalled where the kernel compacts memory for THP faults (defrag=madvise).
+struct BlockRef {
+  c10::Storage block;
+};
+
+void release_block(void* ctx) { delete static_cast<BlockRef*>(ctx); }
+
 std::array<at::Tensor, 4> alloc_outputs(int64_t B, int64_t T, const at::TensorOptions& opts) {
-  return {at::empty({B, T}, opts), at::empty({B, T}, opts), at::empty({B, T}, opts), at::empty({B, T}, opts)};
+  const int64_t n = B * T;
+  if (n == 0) {
+    return {at::empty({B, T}, opts), at::empty({B, T}, opts), at::empty({B, T}, opts), at::empty({B, T}, opts)};
+  }
+  const int64_t stride = (n + 15) / 16 * 16;  // 64-byte-aligned outputs
+  const at::Tensor block = at::empty({4 * stride}, opts);
+  float* base = block.mutable_data_ptr<float>();
+  std::array<at::Tensor, 4> outs;
+  for (int64_t i = 0; i < 4; ++i) {
+    c10::DataPtr ptr(base + i * stride, new BlockRef{block.storage()}, &release_block, block.device());
+    auto storage = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(),
+                                                         static_cast<size_t>(n) * sizeof(float), std::move(ptr),
+                                                         c10::GetCPUAllocator(), /*resizable=*/true);
+    outs[i] = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(std::move(storage)),
+                                                       c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                       caffe2::TypeMeta::Make<float>());
+    outs[i].unsafeGetTensorImpl()->set_sizes_contiguous({B, T});
+  }
+  return outs;
 }
 
 // Rows per parallel task: about 16K tokens.
