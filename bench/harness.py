@@ -168,7 +168,7 @@ def _peak_extra_mb(run: Callable[[], None], device: torch.device) -> float | Non
 
 def measure(fn: Callable, args: Sequence, kwargs: dict, mode: str, device: torch.device, *,
             warmup: int = 2, warmup_s: float = 0.5, min_reps: int = 5, max_reps: int = 50,
-            budget_s: float = 1.5, peak: bool = True) -> tuple[list[float], float | None]:
+            budget_s: float = 1.0, peak: bool = True) -> tuple[list[float], float | None]:
     leaves = _leaves(args, kwargs)
     run = lambda: _call(fn, args, kwargs, mode, leaves)  # noqa: E731
     # Warm up for at least `warmup` calls and `warmup_s`: compilation, lazy initialisation and
@@ -201,7 +201,7 @@ def _quantile(xs: list[float], q: float) -> float:
 
 def run_case(case: BenchCase, device: torch.device, *, use_compile: bool = True,
              modes: Sequence[str] = MODES, regime: str = HEADLINE, process: int = 0,
-             budget_s: float = 1.5, warmup_s: float = 0.5, smoke: bool = False,
+             budget_s: float = 1.0, warmup_s: float = 0.5, smoke: bool = False,
              log: Callable[[str], None] = print) -> list[Measurement]:
     """Time every implementation of ``case`` in this process. ``smoke`` uses the case's tiny
     ``smoke_inputs`` (a check that the code runs, not a measurement)."""
@@ -382,8 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"here {default_threads})")
     parser.add_argument("--processes", type=int, default=2,
                         help="separate processes per thread count (default 2, at least 1)")
-    parser.add_argument("--budget", type=float, default=1.5,
-                        help="seconds of timed calls per implementation and mode (default 1.5)")
+    parser.add_argument("--budget", type=float, default=1.0,
+                        help="seconds of timed calls per implementation and mode (default 1.0; at least "
+                             "5 calls)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny inputs and budgets: checks the harness runs, measures nothing")
