@@ -10,13 +10,15 @@ CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.in
 DEPS_STAMP := $(VENV)/.prefcore-deps
 EXT_STAMP := prefcore/.ext-built
 
-.PHONY: test build cuda-check bench clean help
+.PHONY: test build cuda-check bench bench-smoke bench-table clean help
 
 help:
 	@echo "make test        set up .venv, build prefcore._C, compile-check CUDA sources, run pytest"
 	@echo "make build       (re)build the native extension in place (incremental)"
 	@echo "make cuda-check  nvcc -c every csrc/cuda/*.cu against torch's headers (no link)"
-	@echo "make bench       run the benchmark harness and write bench/results/<machine>-<date>.json"
+	@echo "make bench       time every op in ordinary processes; writes bench/results/<machine>-<date>.json"
+	@echo "make bench-smoke run bench/test_bench.py once at tiny sizes (part of make test)"
+	@echo "make bench-table regenerate README.md's benchmark table from bench/results/*.json"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,9 +44,18 @@ cuda-check: $(DEPS_STAMP)
 
 test: build cuda-check
 	$(PY) -m pytest python_tests -q $(PYTEST_ARGS)
+	$(MAKE) bench-smoke
+
+# Every bench case once at its tiny smoke_inputs size, plus the harness and table code: seconds,
+# so the bench code cannot rot. Measures nothing.
+bench-smoke: build
+	$(PY) -m pytest bench/test_bench.py -q --benchmark-disable -p no:cacheprovider
 
 bench: build
 	$(PY) -m bench
+
+bench-table: $(DEPS_STAMP)
+	$(PY) tools/bench_table.py --readme
 
 clean:
 	rm -rf build prefcore/_C*.so $(EXT_STAMP) .pytest_cache

@@ -104,6 +104,12 @@ inline at::Tensor checked_pinball_grad_rows(const at::Tensor& grad_rows, const P
   return grad_rows.contiguous();
 }
 
+// A gate with M = 0 attributes: the mixture is the empty sum, Q_mix = 0 on every quantile, so
+// exp_utility is the utility of zeros for any λ (utility −1, certainty equivalent 0) and both
+// gradients have no elements. Handled before any kernel (an empty gate has no data pointer).
+inline bool utility_gate_is_empty(const UtilityInputs& p) { return p.gate.defined() && p.M == 0; }
+inline double empty_mixture_value(UtilityKind kind) { return kind == UtilityKind::kUtility ? -1.0 : 0.0; }
+
 // The upstream gradient of exp_utility: (B,) in the dtype of quantiles, on their device.
 inline at::Tensor checked_utility_grad(const at::Tensor& grad, const UtilityInputs& p) {
   check_dim(grad, 1, "grad");

@@ -395,3 +395,80 @@ def test_bad_inputs_raise_clear_errors():
         eu(q3, 1.0, gate.double())
     with pytest.raises(RuntimeError, match=r"kind must be 0 \(utility\) or 1"):
         torch.ops.prefcore.exp_utility(q3[:, 0], torch.ones(1), None, 7)
+
+
+# ---- exp_utility edge cases (issue 14: M = 0, non-finite lam, pad-lane overflow, 2nd order) ----
+
+@pytest.mark.parametrize("kind,value", [("ce", 0.0), ("utility", -1.0)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exp_utility_empty_gate_is_the_utility_of_zeros(kind, value, dtype):
+    # M = 0 attributes: Q_mix is the empty sum, 0 on every quantile, for any λ (was a SIGSEGV:
+    # the empty gate's null data pointer took the ungated path).
+    quant = torch.randn(2, 0, 5, dtype=dtype, requires_grad=True)
+    gate = torch.randn(2, 0, dtype=dtype, requires_grad=True)
+    for lam in (1.0, 0.0, -2.0, torch.tensor([0.5, 3.0])):
+        out = prefcore.ops.exp_utility(quant, lam, gate, kind=kind)
+        truth = ref.exp_utility(quant.detach().double(), lam.double() if isinstance(lam, torch.Tensor) else lam,
+                                gate.detach().double(), kind=kind)
+        assert out.shape == (2,) and out.dtype == dtype
+        assert torch.equal(out.double(), torch.full((2,), value, dtype=torch.float64))
+        torch.testing.assert_close(truth, torch.full((2,), value, dtype=torch.float64))
+        gq, gg = torch.autograd.grad(out.sum(), (quant, gate))
+        assert gq.shape == quant.shape and gg.shape == gate.shape
+
+
+def test_exp_utility_empty_gate_of_a_strided_view_reads_nothing():
+    # A (4, 0, 5) view into a larger tensor with an empty gate: was [2, 7, 12, 17] (memory of
+    # another tensor).
+    base = torch.arange(60.0).reshape(4, 3, 5)
+    out = prefcore.ops.exp_utility(base[:, :0], 0.0, torch.empty(4, 0))
+    assert torch.equal(out, torch.zeros(4))
+    assert torch.equal(prefcore.ops.exp_utility(base[:, :0], 1.0, torch.empty(4, 0), kind="utility"),
+                       torch.full((4,), -1.0))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_exp_utility_non_finite_lam_tensor_raises_naming_the_row(bad):
+    x = torch.randn(4, 5)
+    lam = torch.tensor([0.5, 1.0, bad, 2.0])
+    for fn in (prefcore.ops.exp_utility, ref.exp_utility):
+        with pytest.raises(ValueError, match=r"lam must be finite.*row 2"):
+            fn(x, lam)
+        with pytest.raises(ValueError, match="lam must be finite"):
+            fn(x, torch.full((4,), bad))
+        with pytest.raises(ValueError, match="lam must be finite"):
+            fn(x, bad)
+
+
+@pytest.mark.parametrize("q", [1, 2, 5, 15, 16, 17, 19])
+def test_exp_utility_large_values_do_not_overflow_in_pad_lanes(q):
+    # Rows of Q not a multiple of the SIMD width have pad lanes holding 0; −λ·(0 − mean) there
+    # overflowed to inf when λ·mean does, and inf·0 made the value and gradient NaN.
+    for value, lam in ((1e30, 1e10), (2.0, 2e38), (-1e36, 1e2), (3e-38, -1e38)):
+        x = torch.full((3, q), value, requires_grad=True)
+        out = prefcore.ops.exp_utility(x, lam)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        torch.testing.assert_close(out.detach(), torch.full((3,), value), rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad, torch.full((3, q), 1.0 / q), rtol=1e-6, atol=0)  # softmax of equal z
+        gate = torch.ones(3, 1, requires_grad=True)
+        out_g = prefcore.ops.exp_utility(x.detach().unsqueeze(1), lam, gate)
+        torch.testing.assert_close(out_g.detach(), torch.full((3,), value), rtol=1e-6, atol=0)
+    out = prefcore.ops.exp_utility(torch.tensor([[1e30]]), 1e10)
+    assert out.item() == pytest.approx(1e30, rel=1e-6)
+    out = prefcore.ops.exp_utility(torch.tensor([[2.0, 2.0]]), 2e38)
+    assert out.item() == 2.0
+
+
+def test_exp_utility_double_backward_raises():
+    x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    gate = torch.softmax(torch.randn(3, 2, dtype=torch.float64), -1).requires_grad_()
+    with pytest.raises(RuntimeError, match="exp_utility supports first-order gradients only"):
+        torch.autograd.functional.hessian(lambda q: prefcore.ops.exp_utility(q, 0.7, gate).sum(), x)
+    (g,) = torch.autograd.grad(prefcore.ops.exp_utility(x, 0.7, gate).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        g.sum().backward()
+    # First order is unaffected, with or without create_graph; the reference has a true Hessian.
+    (g1,) = torch.autograd.grad(prefcore.ops.exp_utility(x, 0.7, gate).sum(), x)
+    (g2,) = torch.autograd.grad(ref.exp_utility(x, 0.7, gate).sum(), x)
+    torch.testing.assert_close(g1, g2)
+    torch.testing.assert_close(g.detach(), g2)

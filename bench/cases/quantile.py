@@ -8,10 +8,9 @@ from bench.harness import BenchCase
 from prefcore.ops import reference
 
 
-def _pinball_inputs(kappa: float):
+def _pinball_inputs(kappa: float, b: int = 8192, m: int = 19, q: int = 19, n: int = 10):
     def make(device: torch.device):
         g = torch.Generator().manual_seed(0)
-        b, m, q, n = 8192, 19, 19, 10
         pred = torch.randn(b, m, q, generator=g).to(device).requires_grad_()
         target = torch.randn(b, m, n, generator=g).to(device)
         taus = torch.linspace(0.05, 0.95, q).to(device)
@@ -19,19 +18,23 @@ def _pinball_inputs(kappa: float):
     return make
 
 
-def _utility_inputs(device: torch.device):
-    g = torch.Generator().manual_seed(0)
-    b, m, q = 65536, 19, 19
-    quantiles = torch.randn(b, m, q, generator=g).sort(-1).values.to(device).requires_grad_()
-    gate = torch.softmax(torch.randn(b, m, generator=g), -1).to(device).requires_grad_()
-    return (quantiles, 1.0, gate), {"kind": "ce"}
+def _utility_inputs(b: int = 65536, m: int = 19, q: int = 19):
+    def make(device: torch.device):
+        g = torch.Generator().manual_seed(0)
+        quantiles = torch.randn(b, m, q, generator=g).sort(-1).values.to(device).requires_grad_()
+        gate = torch.softmax(torch.randn(b, m, generator=g), -1).to(device).requires_grad_()
+        return (quantiles, 1.0, gate), {"kind": "ce"}
+    return make
 
 
 CASES = [
     BenchCase("pinball_loss", "B=8192 M=19 Q=19 N=10", _pinball_inputs(0.0),
-              {"prefcore": prefcore.ops.pinball_loss, "reference": reference.pinball_loss}),
+              {"prefcore": prefcore.ops.pinball_loss, "reference": reference.pinball_loss},
+              smoke_inputs=_pinball_inputs(0.0, 8, 3, 5, 4)),
     BenchCase("pinball_loss", "B=8192 M=19 Q=19 N=10 kappa=1", _pinball_inputs(1.0),
-              {"prefcore": prefcore.ops.pinball_loss, "reference": reference.pinball_loss}),
-    BenchCase("exp_utility", "gated B=65536 M=19 Q=19 ce", _utility_inputs,
-              {"prefcore": prefcore.ops.exp_utility, "reference": reference.exp_utility}),
+              {"prefcore": prefcore.ops.pinball_loss, "reference": reference.pinball_loss},
+              smoke_inputs=_pinball_inputs(1.0, 8, 3, 5, 4)),
+    BenchCase("exp_utility", "gated B=65536 M=19 Q=19 ce", _utility_inputs(),
+              {"prefcore": prefcore.ops.exp_utility, "reference": reference.exp_utility},
+              smoke_inputs=_utility_inputs(8, 3, 5)),
 ]

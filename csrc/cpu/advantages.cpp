@@ -12,22 +12,18 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/StorageImpl.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <array>
 #include <cstring>
-#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "advantage_checks.h"
 #include "common.h"
@@ -55,7 +51,8 @@ struct AdvArgs {
   float* ret;
   float* tr;
   float* kl;
-  acc_t* row_value;         // (B,) rloo/grpo: A per row
+  double* row_value;        // (B,) rloo/grpo: A per row
+  acc_t* adv_acc;           // (B, T) gae advantages in float64 for whitening them, else nullptr
   Moments<double>* moments;  // (B,) per-row moments when whitening, else nullptr
 };
 
@@ -82,45 +79,41 @@ Moments<double> merge_in_order(const std::vector<Moments<double>>& parts) {
   return total;
 }
 
-// The four (B, T) float32 outputs. Where every large allocation is a fresh mmap (glibc with a
-// low mmap threshold, or any allocation above its 32 MiB maximum), first-touching fresh 4 KiB
-// pages cost ~90% of writing the outputs (8 MB: ~2 ms fresh vs ~0.2 ms rewritten). From 1 MiB
-// in all they are therefore carved from one 2 MiB-aligned block, rounded up to whole 2 MiB
-// pages (< 2 MiB of slack in all) that are advised to be transparent huge pages (Linux
-// "madvise" mode; advice only, values unaffected; cf. huge_pages.h, whose helper can only use
-// the aligned interior of an allocation). One block is one mmap and one munmap per call instead
-// of four. Where the allocator reuses its heap the block comes back already faulted in. Each
-// output is its own storage at offset 0, as the fake kernel says: they never alias; the block
-// is freed with the last of them, so keeping one output keeps the whole block (4× its size)
-// alive. Such storages are not resizable. (Where the allocator reuses heap memory, the huge-page
-// advice stays on that range after the block is freed: harmless, it only lets the kernel back
-// it with huge pages.)
+// The four (B, T) float32 outputs, carved from ONE allocation of torch's CPU allocator. In an
+// ordinary process (glibc defaults) four separate 2 MiB outputs that the caller frees together
+// leave 8 MiB on top of the heap, which glibc trims (its trim threshold follows the 2 MiB
+// allocations: 4 MiB), so every call faulted 8 MiB of fresh pages back in: 2016 faults and
+// 4.7-4.9 ms thread CPU per rloo call at B=512, T=1024 (1 thread) vs 0 faults and 1.5 ms with
+// one block (one 8 MiB free raises the thresholds to 8/16 MiB, and the block is reused). Each
+// output is still an ordinary CPU storage of its own (offset 0, never aliasing another, and
+// resizable: a resize moves it to a fresh allocation of torch's allocator); the block is freed
+// with the last output that uses it. The huge-page block that stood here (posix_memalign +
+// madvise + a page-parallel fault-in) cost 2.4-3.1 ms per call (a fresh THP block zeroed every
+// call) and stalled where the kernel compacts memory for THP faults (defrag=madvise).
+struct BlockRef {
+  c10::Storage block;
+};
+
+void release_block(void* ctx) { delete static_cast<BlockRef*>(ctx); }
+
 std::array<at::Tensor, 4> alloc_outputs(int64_t B, int64_t T, const at::TensorOptions& opts) {
-  constexpr std::size_t kHuge = std::size_t(1) << 21;
-  const std::size_t bytes = static_cast<std::size_t>(B * T) * sizeof(float);
-  const std::size_t stride = (bytes + 63) & ~std::size_t(63);  // 64-byte-aligned outputs
-  const std::size_t total = (4 * stride + kHuge - 1) & ~(kHuge - 1);
-  void* ptr = nullptr;
-  if (4 * bytes < kHuge / 2 || posix_memalign(&ptr, kHuge, total) != 0) {
+  const int64_t n = B * T;
+  if (n == 0) {
     return {at::empty({B, T}, opts), at::empty({B, T}, opts), at::empty({B, T}, opts), at::empty({B, T}, opts)};
   }
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  (void)madvise(ptr, total, MADV_HUGEPAGE);
-#endif
-  const std::shared_ptr<void> block(ptr, [](void* p) { std::free(p); });
-  // Fault the block in before the kernels write it, one 2 MiB page per task. The kernels split
-  // rows across threads, so every thread writes into every page, and each page is zeroed in
-  // full by whichever fault wins it (threads faulting the same page at once zero copies and
-  // discard all but one): the zeroing ran serially (~0.2 ms per 2 MiB page here). Touching distinct pages on distinct threads zeroes them concurrently. One
-  // byte per 2 MiB: where no huge page is granted this faults one small page and the rest fault
-  // in the kernels as before; where the block is already resident it costs nothing.
-  char* base = static_cast<char*>(ptr);
-  at::parallel_for(0, static_cast<int64_t>(total / kHuge), 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) *reinterpret_cast<volatile char*>(base + i * kHuge) = 0;
-  });
+  const int64_t stride = (n + 15) / 16 * 16;  // 64-byte-aligned outputs
+  const at::Tensor block = at::empty({4 * stride}, opts);
+  float* base = block.mutable_data_ptr<float>();
   std::array<at::Tensor, 4> outs;
-  for (std::size_t i = 0; i < 4; ++i) {
-    outs[i] = at::from_blob(base + i * stride, {B, T}, [block](void*) {}, opts);
+  for (int64_t i = 0; i < 4; ++i) {
+    c10::DataPtr ptr(base + i * stride, new BlockRef{block.storage()}, &release_block, block.device());
+    auto storage = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(),
+                                                         static_cast<size_t>(n) * sizeof(float), std::move(ptr),
+                                                         c10::GetCPUAllocator(), /*resizable=*/true);
+    outs[i] = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(std::move(storage)),
+                                                       c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                       caffe2::TypeMeta::Make<float>());
+    outs[i].unsafeGetTensorImpl()->set_sizes_contiguous({B, T});
   }
   return outs;
 }
@@ -142,7 +135,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_penalized_advantag
   const Isa isa = active_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logprobs.scalar_type(), "kl_penalized_advantages_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> row_value(gae ? 0 : static_cast<size_t>(p.B));
+    std::vector<double> row_value(gae ? 0 : static_cast<size_t>(p.B));
+    // Whitened fp64 GAE: the moments and the whitening read the advantages before their rounding
+    // to the float32 output (for float32 inputs the output is already the accumulation dtype).
+    const bool keep_acc = gae && whiten && !std::is_same_v<acc_t, float>;
+    std::vector<acc_t> adv_acc(keep_acc ? static_cast<size_t>(p.B * p.T) : 0);
     AdvArgs<scalar_t, acc_t> a{
         p.logprobs.const_data_ptr<scalar_t>(), p.ref_logprobs.const_data_ptr<scalar_t>(),
         p.mask.const_data_ptr<bool>(), p.scores.const_data_ptr<acc_t>(),
@@ -150,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_penalized_advantag
         static_cast<acc_t>(p.kl_coef), static_cast<acc_t>(p.gamma), static_cast<acc_t>(p.gamma * p.lam),
         static_cast<acc_t>(p.kl_clamp), p.mode == AdvantageMode::kGrpo, whiten,
         adv.mutable_data_ptr<float>(), ret.mutable_data_ptr<float>(), tr.mutable_data_ptr<float>(),
-        kl.mutable_data_ptr<float>(), row_value.data(), whiten ? moments.data() : nullptr};
+        kl.mutable_data_ptr<float>(), row_value.data(), keep_acc ? adv_acc.data() : nullptr,
+        whiten ? moments.data() : nullptr};
     with_estimator(p.estimator, [&](auto est) {
       if (gae) {
         at::parallel_for(0, p.B, grain_rows(p.T), [&](int64_t b0, int64_t b1) { gae_rows_isa(isa, est, a, b0, b1); });
@@ -165,7 +163,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_penalized_advantag
     check_whiten_count(static_cast<int64_t>(total.n), true, "whiten=True");
     const WhitenAffine<double> w = whiten_affine(total, true, true);
     at::parallel_for(0, p.B, grain_rows(p.T), [&](int64_t b0, int64_t b1) {
-      whiten_rows_isa(isa, a.mask, p.T, gae, a.adv, a.ret, static_cast<const acc_t*>(row_value.data()), w, b0, b1);
+      whiten_rows_isa(isa, a.mask, p.T, gae, a.adv, a.ret, static_cast<const double*>(row_value.data()),
+                      static_cast<const acc_t*>(a.adv_acc), w, b0, b1);
     });
   });
   return {adv, ret, tr, kl};
@@ -201,7 +200,6 @@ at::Tensor masked_whiten_cpu(const at::Tensor& x, const at::Tensor& mask, bool u
   const int64_t chunks = (p.N + kWhitenChunk - 1) / kWhitenChunk;
   std::vector<Moments<double>> parts(static_cast<size_t>(chunks));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "masked_whiten_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xs = p.x.const_data_ptr<scalar_t>();
     const bool* ms = p.mask.const_data_ptr<bool>();
     scalar_t* os = out.mutable_data_ptr<scalar_t>();
@@ -214,11 +212,12 @@ at::Tensor masked_whiten_cpu(const at::Tensor& x, const at::Tensor& mask, bool u
     const Moments<double> total = merge_in_order(parts);
     check_whiten_count(static_cast<int64_t>(total.n), unbiased, "masked_whiten");
     const WhitenAffine<double> w = whiten_affine(total, unbiased, shift_mean);
-    const acc_t mean = static_cast<acc_t>(w.mean), scale = static_cast<acc_t>(w.scale),
-                add = static_cast<acc_t>(w.add_back);
+    // In float64: the batch mean rounded to the input dtype first lost the digits that tell
+    // nearby values apart (10000 + 1e-3·i whitened to multiples of 0.77 in float32).
+    const double mean = w.mean, scale = w.scale, add = w.add_back;
     at::parallel_for(0, p.N, kWhitenChunk, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        os[i] = ms[i] ? static_cast<scalar_t>((static_cast<acc_t>(xs[i]) - mean) * scale + add) : scalar_t(0);
+        os[i] = ms[i] ? static_cast<scalar_t>((static_cast<double>(xs[i]) - mean) * scale + add) : scalar_t(0);
       }
     });
   });

@@ -15,7 +15,6 @@
 #include <vector>
 
 #include "common.h"
-#include "cpu/huge_pages.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "prefcore/quantile_math.h"
@@ -78,6 +77,7 @@ at::Tensor exp_utility_cpu(const at::Tensor& quantiles, const at::Tensor& lam,
                            const std::optional<at::Tensor>& gate, int64_t kind) {
   const UtilityInputs p = prepare_utility(quantiles, lam, gate, kind);
   at::Tensor out = at::empty({p.B}, quantiles.options());
+  if (utility_gate_is_empty(p)) return out.fill_(empty_mixture_value(p.kind));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, quantiles.scalar_type(), "exp_utility_cpu", [&] {
     auto a = make_args<scalar_t>(p);
     a.out = out.mutable_data_ptr<scalar_t>();
@@ -97,9 +97,9 @@ std::tuple<at::Tensor, at::Tensor> exp_utility_backward_cpu(const at::Tensor& gr
   const UtilityInputs p = prepare_utility(quantiles, lam, gate, kind);
   const at::Tensor g = checked_utility_grad(grad, p);
   at::Tensor grad_q = at::empty(quantiles.sizes(), quantiles.options());
-  advise_huge_pages(grad_q);
   at::Tensor grad_gate = p.gate.defined() ? at::empty({p.B, p.M}, quantiles.options())
                                           : at::empty({0}, quantiles.options());
+  if (utility_gate_is_empty(p)) return {grad_q, grad_gate};  // both have no elements
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, quantiles.scalar_type(), "exp_utility_backward_cpu", [&] {
     auto a = make_args<scalar_t>(p);
     a.grad = g.const_data_ptr<scalar_t>();

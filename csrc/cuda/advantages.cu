@@ -334,15 +334,15 @@ __global__ void chunk_moments_kernel(const scalar_t* __restrict__ x, const bool*
   if (threadIdx.x == 0) parts[blockIdx.x] = Moments<double>{cnt, mean, m2};
 }
 
-// out = mask ? (x − μ)·s + add : 0 (elementwise; out may alias x).
+// out = mask ? (x − μ)·s + add : 0 (elementwise; out may alias x), in float64 as on CPU: the
+// float64 batch mean rounded to float first lost the digits that tell nearby values apart.
 template <typename in_t, typename out_t, typename acc_t>
 __global__ void apply_whiten_kernel(const in_t* x, const bool* __restrict__ mask, int64_t n,
                                     const WhitenAffine<double>* __restrict__ affine, out_t* out) {
-  const acc_t mean = static_cast<acc_t>(affine->mean), scale = static_cast<acc_t>(affine->scale),
-              add = static_cast<acc_t>(affine->add_back);
+  const double mean = affine->mean, scale = affine->scale, add = affine->add_back;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i] = mask[i] ? static_cast<out_t>((static_cast<acc_t>(x[i]) - mean) * scale + add) : static_cast<out_t>(0);
+    out[i] = mask[i] ? static_cast<out_t>((static_cast<double>(x[i]) - mean) * scale + add) : static_cast<out_t>(0);
   }
 }
 

@@ -223,6 +223,7 @@ at::Tensor exp_utility_cuda(const at::Tensor& quantiles, const at::Tensor& lam, 
   const c10::cuda::CUDAGuard guard(quantiles.device());
   const UtilityInputs p = prepare_utility(quantiles, lam, gate, kind);
   at::Tensor out = at::empty({p.B}, quantiles.options());
+  if (utility_gate_is_empty(p)) return out.fill_(empty_mixture_value(p.kind));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, quantiles.scalar_type(), "exp_utility_cuda", [&] {
     launch_utility<false, scalar_t>(p, nullptr, &out, nullptr, nullptr);
   });
@@ -237,6 +238,7 @@ std::tuple<at::Tensor, at::Tensor> exp_utility_backward_cuda(const at::Tensor& g
   const at::Tensor g = checked_utility_grad(grad, p);
   at::Tensor grad_q = at::empty(quantiles.sizes(), quantiles.options());
   at::Tensor grad_gate = p.gate.defined() ? at::empty({p.B, p.M}, quantiles.options()) : at::empty({0}, quantiles.options());
+  if (utility_gate_is_empty(p)) return {grad_q, grad_gate};  // both have no elements
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, quantiles.scalar_type(), "exp_utility_backward_cuda", [&] {
     launch_utility<true, scalar_t>(p, &g, nullptr, &grad_q, &grad_gate);
   });

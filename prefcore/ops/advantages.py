@@ -109,9 +109,10 @@ def kl_penalized_advantages(
 
     Returns :class:`Advantages` ``(advantages, returns, token_rewards, kl)``, each ``(B, T)``
     float32 on the inputs' device. ``gamma`` and ``lam`` lie in [0, 1]; ``kl_coef ≥ 0``.
-    On CPU, once the four outputs reach 1 MiB together they are carved from one allocation
-    (they never overlap), which is freed with the last of them: keeping only one keeps all four's
-    memory. Those outputs cannot be resized in place.
+    On CPU the four outputs are carved from one allocation of torch's CPU allocator (so that
+    glibc reuses it from call to call instead of trimming and re-faulting four separate buffers);
+    each is its own ordinary, resizable storage at offset 0 and they never overlap, but the
+    allocation is freed with the last of them: keeping only one keeps all four's memory alive.
     """
     logprobs = require_floating(logprobs, "logprobs")
     ref_logprobs = require_floating(ref_logprobs, "ref_logprobs")

@@ -131,7 +131,16 @@ def exp_utility(
     ``mean − log1p(mean(expm1(z)))/λ`` so it stays accurate instead of cancelling.
 
     Returns ``(B,)`` in the dtype of ``quantiles``. Differentiable w.r.t. ``quantiles`` and
-    ``gate`` (not ``lam``).
+    ``gate`` (not ``lam``), first order only: a double backward (``create_graph=True`` and a
+    second ``backward``, e.g. ``torch.autograd.functional.hessian``) raises ``RuntimeError``.
+
+    Edge cases (decided, tested): a gate with ``M = 0`` attributes is the empty mixture,
+    :math:`Q^{mix} = 0` on every quantile (what the plain sum gives), so the result is the
+    utility of zeros for any λ — ``−1`` for ``"utility"``, ``0`` for ``"ce"`` — and both
+    gradients are empty. ``lam`` must be finite: a non-finite float or any NaN/±inf entry of a
+    ``lam`` tensor raises ``ValueError`` naming the row and value (this reads ``lam``: a device
+    sync on CUDA). Non-finite ``quantiles`` or ``gate`` entries propagate to their own rows only.
+    Large finite inputs give finite results unless a row's own ``λ·(Q_q − mean)`` overflows.
     """
     quantiles = require_floating(quantiles, "quantiles")
     code = UTILITY_KINDS[require_choice(kind, "kind", tuple(UTILITY_KINDS))]
@@ -157,10 +166,21 @@ def exp_utility(
         if lam.dim() != 1 or lam.shape[0] not in (b, 1):
             raise ValueError(f"lam must be a float or a tensor of shape (B,) = ({b},), got {shape_str(lam.shape)}")
         lam_t = lam.detach().to(acc)
+        _require_finite_lam(lam_t)
     else:
         lam_t = torch.full((1,), require_finite_float(lam, "lam"), dtype=acc, device=quantiles.device)
     require_same_device("quantiles", quantiles, gate=gate, lam=lam_t)
     return torch.ops.prefcore.exp_utility(quantiles, lam_t, gate, code)
+
+
+def _require_finite_lam(lam: torch.Tensor) -> None:
+    """ValueError naming the first row whose ``lam`` is NaN or ±inf (as for a float ``lam``)."""
+    if is_fake(lam) or lam.numel() == 0:
+        return
+    bad = ~torch.isfinite(lam)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"lam must be finite, got {lam[row].item()} at row {row} of the (B,) lam tensor")
 
 
 # ---- autograd and fake (meta) registrations -------------------------------------------
@@ -233,3 +253,15 @@ def _exp_utility_backward(ctx, grad):
 
 
 torch.library.register_autograd("prefcore::exp_utility", _exp_utility_backward, setup_context=_exp_utility_setup_context)
+
+
+def _exp_utility_double_backward(ctx, grad_q, grad_gate):
+    raise RuntimeError("exp_utility supports first-order gradients only: double backward (a gradient of its "
+                       "gradient, e.g. torch.autograd.functional.hessian or create_graph=True followed by "
+                       "another backward) is not implemented; use prefcore.ops.reference.exp_utility for that")
+
+
+# Registered so that a graph built with create_graph=True records the backward op and the second
+# backward fails loudly, instead of torch treating its outputs as constants (silent zeros).
+torch.library.register_autograd("prefcore::_exp_utility_backward", _exp_utility_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)

@@ -60,8 +60,15 @@ def exp_utility(
     *,
     kind: str = "ce",
 ) -> torch.Tensor:
-    """Reference of :func:`prefcore.ops.exp_utility` (plain logsumexp; no small-λ care)."""
+    """Reference of :func:`prefcore.ops.exp_utility` (plain logsumexp; no small-λ care). Same
+    contract for the edge cases: M = 0 gives the utility of zeros, non-finite ``lam`` raises."""
     x = (gate.unsqueeze(-1) * quantiles).sum(-2) if gate is not None else quantiles
+    if not isinstance(lam, torch.Tensor):  # a Python number: no tensor read (no graph break when compiled)
+        if not math.isfinite(lam):
+            raise ValueError(f"lam must be finite, got {lam}")
+    elif bool((~torch.isfinite(lam.detach())).any()):
+        row = int((~torch.isfinite(lam.detach().reshape(-1))).nonzero()[0, 0])
+        raise ValueError(f"lam must be finite, got {lam.detach().reshape(-1)[row].item()} at row {row}")
     lam_t = torch.as_tensor(lam, dtype=x.dtype, device=x.device)
     lam_col = lam_t.reshape(-1, 1) if lam_t.dim() == 1 else lam_t
     if kind == "utility":

@@ -1,0 +1,34 @@
+"""Speed-up targets (issue 13), read from the headline (ordinary-process, 2-thread) results.
+
+Each target: prefcore's speed-up over ``baseline`` in ``mode`` for every config of ``op`` whose
+name contains ``config`` must be at least ``minimum`` in every process (the lowest per-process
+ratio is what is compared).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Target:
+    op: str
+    config: str  # substring of the case config ("" = every config)
+    mode: str
+    baseline: str
+    minimum: float
+
+
+THREADS = 2
+TARGETS: tuple[Target, ...] = (
+    Target("pinball_loss", "", "fwd+bwd", "reference", 10.0),
+    Target("pinball_loss", "", "fwd+bwd", "reference+compile", 1.5),
+    Target("gmm_nll", "", "fwd+bwd", "reference", 5.0),
+    Target("gmm_nll", "", "fwd+bwd", "reference+compile", 1.2),
+    Target("exp_utility", "", "fwd+bwd", "reference", 3.0),
+    Target("exp_utility", "", "fwd+bwd", "reference+compile", 1.0),
+    Target("kl_penalized_advantages", "rloo", "fwd", "reference", 3.0),
+    Target("kl_penalized_advantages", "rloo", "fwd", "reference+compile", 1.0),
+    Target("kl_penalized_advantages", "grpo", "fwd", "reference", 3.0),
+    Target("kl_penalized_advantages", "grpo", "fwd", "reference+compile", 1.0),
+    Target("kl_penalized_advantages", "gae", "fwd", "reference", 50.0),  # the Python reverse loop
+)

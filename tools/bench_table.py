@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Render the README benchmark tables from ``bench/results/*.json``, so table and JSON cannot
+disagree.
+
+    python tools/bench_table.py [FILES...]          # print the tables (default: headline files)
+    python tools/bench_table.py --readme            # rewrite README.md's generated block
+    python tools/bench_table.py --readme --check    # exit 1 if README.md's block is stale
+
+The generated block of README.md lies between ``<!-- bench-table:begin -->`` and
+``<!-- bench-table:end -->``. Default files: every JSON in bench/results whose ``headline`` is
+true (ordinary-process runs; diagnostic ``--regime`` runs and the older glibc-regime files are
+left out), newest last.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.harness import Measurement, markdown_table, summarize  # noqa: E402
+from bench.targets import TARGETS, THREADS  # noqa: E402
+
+BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
+README = os.path.join(ROOT, "README.md")
+NO_RESULTS = ("*No headline (ordinary-process) results are recorded in `bench/results/` yet: run `python -m bench`, "
+              "then `python tools/bench_table.py --readme`.*")
+
+
+def headline_files() -> list[str]:
+    files = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("headline") is True:
+            files.append((data.get("datetime_utc", data.get("date", "")), path))
+    return [p for _, p in sorted(files)]
+
+
+def _targets_table(results: list[Measurement]) -> str:
+    lines = ["| target (2 threads) | config | measured (lowest–highest process) | met |", "|---|---|---|---|"]
+    for s in summarize(results):
+        if s.threads != THREADS:
+            continue
+        for t in TARGETS:
+            if s.op == t.op and t.config in s.config and s.mode == t.mode and s.impl == t.baseline and s.speedups:
+                met = "yes" if min(s.speedups) >= t.minimum else "**no**"
+                lines.append(f"| {t.op} {t.mode} ≥ {t.minimum:g}× {t.baseline} | {s.config} | "
+                             f"{min(s.speedups):.2f}–{max(s.speedups):.2f}× | {met} |")
+    return "\n".join(lines)
+
+
+def render(path: str) -> str:
+    with open(path) as f:
+        data = json.load(f)
+    results = [Measurement(**m) for m in data["results"]]
+    mach = data["machine"]
+    rel = os.path.relpath(path, ROOT) if os.path.isabs(path) else path
+    head = (f"`{rel}`: {data.get('datetime_utc', data.get('date'))}, {mach['cpu']} ({mach['logical_cores']} logical "
+            f"cores, default {mach.get('torch_default_threads', '?')} torch threads), prefcore ISA "
+            f"`{mach['prefcore_cpu_isa']}`, torch {mach['torch']}; {data.get('regime', '?')} process, threads "
+            f"{data.get('threads')}, {data.get('processes')} processes each; load average at the end "
+            f"{' '.join(data.get('load_average_at_end') or ['?'])}"
+            + ("; PRELIMINARY (a contended machine)" if data.get("preliminary") else "") + ".")
+    env = mach.get("environment") or {}
+    if env:
+        head += " Environment: " + ", ".join(f"`{k}={v}`" for k, v in sorted(env.items())) + "."
+    return "\n\n".join([head, markdown_table(results), _targets_table(results)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="*")
+    ap.add_argument("--readme", action="store_true", help="rewrite (or with --check, compare) README.md's block")
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args(argv)
+    files = args.files or headline_files()
+    body = "\n\n".join(render(p) for p in files) if files else NO_RESULTS
+    if not args.readme:
+        print(body)
+        return 0
+    with open(README) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        print(f"README.md has no {BEGIN} … {END} block", file=sys.stderr)
+        return 1
+    pre, rest = text.split(BEGIN, 1)
+    _, post = rest.split(END, 1)
+    new = f"{pre}{BEGIN}\n{body}\n{END}{post}"
+    if args.check:
+        if new != text:
+            print("README.md's benchmark table is stale: run python tools/bench_table.py --readme", file=sys.stderr)
+            return 1
+        return 0
+    tmp = README + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, README)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
