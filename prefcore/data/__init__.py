@@ -22,7 +22,6 @@ from prefcore.data.adapters import (
 )
 from prefcore.data.containers import AttributesDataset, PairsDataset, RatingsDataset, RecordSet
 from prefcore.data.io import load_attributes, load_pairs, load_ratings, read_rows, save_jsonl
-from prefcore.data.text_world import TextWorld, TextWorldConfig
 from prefcore.data.schemas import (
     AttributeRecord,
     DataValidationError,
@@ -32,6 +31,7 @@ from prefcore.data.schemas import (
     parse_pair,
     parse_rating,
 )
+from prefcore.data.text_world import TextWorld, TextWorldConfig
 
 __all__ = [
     "synthetic",
