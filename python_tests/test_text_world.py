@@ -281,3 +281,17 @@ def test_bad_input(world):
     with pytest.raises(ValueError, match="vocab_size"):
         world.pretrain(torch.nn.Linear(2, 2), steps=1)
     assert set(CONTENTIOUS_WORDS) <= set(VOCABULARY)
+
+
+def test_pretrained_policy_is_cached_by_settings(world, tmp_path, monkeypatch):
+    out = tmp_path / "policy"
+    m1 = world.pretrained_policy(out, seed=1, steps=2, batch_size=4, corpus_size=16)
+    calls = []
+    real = TextWorld.pretrain
+    monkeypatch.setattr(TextWorld, "pretrain", lambda self, *a, **k: calls.append(a) or real(self, *a, **k))
+    m2 = world.pretrained_policy(out, seed=1, steps=2, batch_size=4, corpus_size=16)  # same settings: loaded
+    assert calls == []
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    world.pretrained_policy(out, seed=1, steps=3, batch_size=4, corpus_size=16)  # new settings: retrained
+    assert len(calls) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]  # no temporary folder left behind

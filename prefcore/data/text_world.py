@@ -67,6 +67,10 @@ __all__ = [
     "TextWorld",
     "default_text_annotators",
     "split_words",
+    "completion_words",
+    "prompt_topic",
+    "text_features",
+    "build_tokenizer",
 ]
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
@@ -555,7 +559,7 @@ class TextWorld:
 
     # ---- saving -------------------------------------------------------------------------------
 
-    def save(self, directory: str | os.PathLike[str], model=None) -> None:
+    def save(self, directory: str | os.PathLike[str], model=None, *, pretrain: dict[str, Any] | None = None) -> None:
         """Write the tokenizer, ``text_world.json`` (the config) and, if given, ``model``
         (``save_pretrained``) into ``directory``, so ``AutoTokenizer.from_pretrained(directory)``,
         ``AutoModelForCausalLM.from_pretrained(directory)`` and :meth:`load` read them back."""
@@ -567,7 +571,8 @@ class TextWorld:
         self.tokenizer.save_pretrained(str(directory))
         atomic_write_json(os.path.join(directory, WORLD_FILE), {"format": "prefcore.text_world/1",
                                                                  "vocabulary": list(VOCABULARY),
-                                                                 "config": self.config.to_dict()})
+                                                                 "config": self.config.to_dict(),
+                                                                 "pretrain": pretrain})
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> TextWorld:
@@ -587,6 +592,39 @@ class TextWorld:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True).eval()
+
+    def pretrained_policy(self, directory: str | os.PathLike[str], *, seed: int = 0, steps: int = 300,
+                          progress: bool = False, **pretrain_kwargs: Any):
+        """The policy :meth:`make_policy` ``(seed)`` + :meth:`pretrain` ``(steps, seed, **pretrain_kwargs)``,
+        cached in ``directory``: if it holds a policy saved by an earlier call with the same world
+        config and settings it is loaded, otherwise it is trained and saved there (model, tokenizer,
+        ``text_world.json`` with the settings; the folder is written beside and renamed into place,
+        so an interrupted call leaves no half-written policy). Returns the model in eval mode."""
+        import shutil
+        import tempfile
+
+        settings = {"seed": _seed(seed), "steps": _count(steps, "steps", 0), **pretrain_kwargs}
+        directory = os.fspath(directory)
+        meta = os.path.join(directory, WORLD_FILE)
+        if os.path.isfile(meta) and os.path.isfile(os.path.join(directory, "config.json")):
+            with open(meta) as f:
+                saved = json.load(f)
+            if saved.get("pretrain") == settings and saved.get("config") == json.loads(json.dumps(self.config.to_dict())):
+                return self.load_policy(directory)
+        model = self.make_policy(seed)
+        self.pretrain(model, steps, seed, progress=progress, **pretrain_kwargs)
+        parent = os.path.dirname(os.path.abspath(directory))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".text-world-", dir=parent)
+        try:
+            self.save(tmp, model=model, pretrain=settings)
+            if os.path.isdir(directory):
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp)
+        return model
 
     # ---- ground truth -------------------------------------------------------------------------
 
