@@ -198,8 +198,9 @@ class TextWorldConfig:
     ``annotators``: the population (weights are normalised to sum to 1). The synthetic language's
     response generator (the pretraining corpus): ``min_words``…``max_words`` words per answer
     (uniform), each word on-topic / helpful / filler / off-topic with probabilities
-    ``word_mix`` (normalised), and with probability ``contentious_rate`` an answer carries
-    1–2 contentious words. Policy size: ``hidden_size``, ``num_layers``, ``num_heads``,
+    ``word_mix`` (normalised), and with probability ``contentious_rate`` an answer is *edgy*: each
+    of its words is replaced by a contentious word with probability ``contentious_word_rate``, and
+    at least one is. Policy size: ``hidden_size``, ``num_layers``, ``num_heads``,
     ``max_position_embeddings``."""
 
     annotators: tuple[TextAnnotatorType, ...] = field(default_factory=default_text_annotators)
@@ -207,6 +208,7 @@ class TextWorldConfig:
     max_words: int = 20
     word_mix: tuple[float, float, float, float] = (0.30, 0.20, 0.42, 0.08)
     contentious_rate: float = 0.3
+    contentious_word_rate: float = 0.2
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
@@ -229,8 +231,9 @@ class TextWorldConfig:
                 or sum(self.word_mix) <= 0:
             raise ValueError(f"word_mix must be 4 non-negative numbers (on-topic, helpful, filler, off-topic) "
                              f"with a positive sum, got {self.word_mix!r}")
-        if not 0.0 <= self.contentious_rate <= 1.0:
-            raise ValueError(f"contentious_rate must lie in [0, 1], got {self.contentious_rate}")
+        for name in ("contentious_rate", "contentious_word_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
 
@@ -450,8 +453,12 @@ class TextWorld:
                     pool = topics[others[int(torch.randint(len(others), (1,), generator=g))]]
                 words.append(pool[int(torch.randint(len(pool), (1,), generator=g))])
             if n > 0 and float(torch.rand((), generator=g, dtype=torch.float64)) < cfg.contentious_rate:
-                for _ in range(int(torch.randint(1, 3, (1,), generator=g))):
-                    pos = int(torch.randint(n, (1,), generator=g))
+                # An edgy *style* that lasts through the answer (not isolated words), so a language model
+                # has to carry "this answer is edgy" in its state to predict the next words — and so its
+                # features (what reward models are trained on) encode it.
+                hit = (torch.rand(n, generator=g, dtype=torch.float64) < cfg.contentious_word_rate).tolist()
+                hit[int(torch.randint(n, (1,), generator=g))] = True
+                for pos in (i for i, h in enumerate(hit) if h):
                     words[pos] = CONTENTIOUS_WORDS[int(torch.randint(len(CONTENTIOUS_WORDS), (1,), generator=g))]
             out.append(" ".join(words))
         return out
