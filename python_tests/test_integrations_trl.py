@@ -89,10 +89,11 @@ def test_callable_contract_and_conversational_format(runs):
     f = reward_function(d / "rm-gmm", utility="cvar:0.25", batch_size=3)
     plain = f(prompts[:7], comps[:7], completion_ids=[[1]] * 7, trainer_state=None, extra_column=list(range(7)))
     assert isinstance(plain, list) and len(plain) == 7
-    assert plain == pytest.approx(reward_function(d / "rm-gmm", utility="cvar:0.25")(prompts[:7], comps[:7]), abs=1e-6)
+    # batches of 3 vs one batch of 7: the same values up to fp32 rounding of the padded backbone passes
+    assert plain == pytest.approx(reward_function(d / "rm-gmm", utility="cvar:0.25")(prompts[:7], comps[:7]), rel=1e-5, abs=1e-5)
     conv = f([[{"role": "user", "content": p}] for p in prompts[:7]],
              [[{"role": "assistant", "content": c}] for c in comps[:7]])
-    assert conv == pytest.approx(plain, abs=1e-6)
+    assert conv == pytest.approx(plain, rel=1e-5, abs=1e-5)
     assert message_text([{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]) == "a\n\nb"
     assert isinstance(f, RewardFunction) and f.__name__ == "prefcore_gmm_cvar:0.25"
     assert reward_function(d / "rm-gmm", name="risk").__name__ == "risk"
