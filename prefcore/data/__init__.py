@@ -5,7 +5,7 @@ multi-annotator tables).
 
 ``datasets`` is imported only when a file is read, so importing this package is cheap.
 """
-from prefcore.data import synthetic
+from prefcore.data import synthetic, text_world
 from prefcore.data.adapters import (
     HELPSTEER2_ATTRIBUTES,
     ULTRAFEEDBACK_ASPECTS,
@@ -31,9 +31,13 @@ from prefcore.data.schemas import (
     parse_pair,
     parse_rating,
 )
+from prefcore.data.text_world import TextWorld, TextWorldConfig
 
 __all__ = [
     "synthetic",
+    "text_world",
+    "TextWorld",
+    "TextWorldConfig",
     # schemas
     "DataValidationError",
     "RatingRecord",
