@@ -8,6 +8,7 @@ single-process run samples (up to floating-point differences in the logits).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,17 @@ def completion_mask(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch
     return ~seen_before, ~is_eos.any(-1)
 
 
+def _cache_kwarg(trunk) -> str:
+    """transformers ≥ 5.2x names the KV-cache argument ``cache``; earlier ones ``past_key_values``."""
+    params = inspect.signature(trunk.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.no_grad()
 def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, noise: torch.Tensor, *,
                        eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = 0,
@@ -75,7 +87,8 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     attn = prompt_mask.long()
     pos = positions(attn)
     out = trunk(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+    cache_kw = _cache_kwarg(trunk)
+    cache, h = _cache_of(out), out.last_hidden_state[:, -1]
     next_pos = pos[:, -1] + 1
     done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
     tokens = []
@@ -91,8 +104,8 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         out = trunk(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+                    use_cache=True, **{cache_kw: cache})
+        cache, h = _cache_of(out), out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
     ids = torch.stack(tokens, dim=1)
     mask, truncated = completion_mask(ids, eos_id)

@@ -391,6 +391,23 @@ class PolicyTrainer:
         var = max(0.0, (ss - n * mu * mu) / (n - 1))
         return (((a - mu) / math.sqrt(var + 1e-8)) * m).to(adv.dtype)
 
+    def compute_advantages(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                           utility: torch.Tensor, beta: float, values: torch.Tensor | None = None):
+        """:func:`prefcore.ops.kl_penalized_advantages` in the algorithm's mode (rloo | grpo | gae for
+        ppo) with β in the reward (not for grpo with ``kl_in_reward=False``), then — with
+        ``whiten_advantages`` — whitened over the valid tokens of every rank. Returns the op's
+        named tuple with ``advantages`` replaced by the whitened ones."""
+        cfg = self.cfg
+        in_reward = cfg.algo != "grpo" or cfg.kl_in_reward
+        mode = {"rloo": "rloo", "grpo": "grpo", "ppo": "gae"}[cfg.algo]
+        adv = ops.kl_penalized_advantages(
+            logprobs, ref_logprobs, mask, utility, kl_coef=beta if in_reward else 0.0,
+            estimator=cfg.kl_estimator, mode=mode, group_size=None if mode == "gae" else cfg.num_generations,
+            values=values if mode == "gae" else None, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            adv = adv._replace(advantages=self._whiten(adv.advantages, mask))
+        return adv
+
     def train_step(self) -> dict:
         """One rollout + update; returns the step's (global) metrics."""
         cfg, k, step = self.cfg, self.cfg.num_generations, self.step
@@ -417,14 +434,11 @@ class PolicyTrainer:
                 ref_lp, _, _ = self._logprobs(PolicyWithValue(self.model), batch, want_entropy=False)
         beta = self.kl.beta
         in_reward = cfg.algo != "grpo" or cfg.kl_in_reward
-        mode = {"rloo": "rloo", "grpo": "grpo", "ppo": "gae"}[cfg.algo]
-        adv = ops.kl_penalized_advantages(
-            old_lp, ref_lp, mask, utility.to(self.device), kl_coef=beta if in_reward else 0.0,
-            estimator=cfg.kl_estimator, mode=mode, group_size=None if mode == "gae" else k,
-            values=old_values if mode == "gae" else None, gamma=cfg.gamma, lam=cfg.lam)
+        adv = self.compute_advantages(old_lp, ref_lp, mask, utility.to(self.device), beta, old_values)
         advantages = adv.advantages
-        if cfg.whiten_advantages:
-            advantages = self._whiten(advantages, mask)
+        self.last_rollout = {**batch, "utility": utility, "old_logprobs": old_lp, "ref_logprobs": ref_lp,
+                             "advantages": advantages, "kl": adv.kl, "returns": adv.returns, "values": old_values,
+                             "prompts": prompts, "completions": completions}
 
         # step-wide normaliser (all micro-batches, all ranks)
         counts = _allreduce(torch.tensor([float(mask.sum()), float(mask.shape[0])], dtype=torch.float64), self.world)
