@@ -173,6 +173,7 @@ class PolicyTrainer:
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or path, local_files_only=True)
             check_tokenizer(tokenizer)
+            self.reward = make_reward(reward, self.utility, cfg.utility, device=str(self.device))
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         elif isinstance(model, nn.Module):
             if tokenizer is None and cfg.tokenizer_name_or_path:
@@ -180,6 +181,7 @@ class PolicyTrainer:
 
                 tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path, local_files_only=True)
             check_tokenizer(tokenizer)
+            self.reward = make_reward(reward, self.utility, cfg.utility, device=str(self.device))
         else:
             raise ValueError(f"model: expected a local path or an nn.Module, got {type(model).__name__}")
         trunk_and_head(model)  # a causal LM with a bias-free head
@@ -226,7 +228,6 @@ class PolicyTrainer:
             raise ValueError("model: no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.kl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-        self.reward = make_reward(reward, self.utility, cfg.utility, device=str(self.device))
         self.step = 0
         self.out = cfg.run_dir
         self.log = MetricsLog(os.path.join(self.out, METRICS))
