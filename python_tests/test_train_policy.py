@@ -408,3 +408,32 @@ def test_grpo_with_kl_loss_term_runs(tmp_path):
                   max_steps=2)
     res = train_policy(cfg, model=make_policy(), tokenizer=make_tokenizer(), prompts=PROMPTS, reward=count_a)
     assert res["step"] == 2 and math.isfinite(res["metrics"]["loss"])
+
+
+def test_train_rm_run_directory_as_the_reward(tmp_path):
+    """A prefcore train-rm run (gmm on text through a tiny backbone) as the reward: the utility of
+    each completion is the run's mean − α·Var, and the left-tail quantiles are logged."""
+    from prefcore.cli import main
+    from prefcore.data import save_jsonl
+    from prefcore.data.synthetic import RatingsWorldConfig, make_ratings_world
+    from prefcore.train.rm.scoring import RunScorer
+    from python_tests.tiny_transformers import make_llama
+    from python_tests.tiny_transformers import make_tokenizer as make_rm_tokenizer
+
+    backbone = tmp_path / "backbone"
+    make_llama(backbone)
+    make_rm_tokenizer(backbone)
+    world = make_ratings_world(torch.Generator().manual_seed(1), RatingsWorldConfig(num_items=40))
+    save_jsonl(world.to_records(), tmp_path / "ratings.jsonl")
+    run = tmp_path / "rm"
+    assert main(["train-rm", "--method", "gmm", "--data", str(tmp_path / "ratings.jsonl"), "--backbone", str(backbone),
+                 "--max_length", "48", "--steps", "10", "--batch_size", "16", "--progress", "false",
+                 "--out", str(run)]) == 0
+    cfg = cfg_for(tmp_path, utility="mean-var:0.5", max_steps=1, per_device_train_batch_size=2)
+    trainer = PolicyTrainer(cfg, model=make_policy(), tokenizer=make_tokenizer(), prompts=PROMPTS, reward=str(run))
+    rec = trainer.train_step()
+    ro = trainer.last_rollout
+    scorer = RunScorer.load(str(run))
+    expected = scorer.reward(ro["prompts"], ro["completions"], risk="mean-var", alpha=0.5).float()
+    torch.testing.assert_close(ro["utility"], expected, atol=1e-5, rtol=1e-5)
+    assert rec["reward_quantile/0.05"] < rec["reward_quantile/0.25"]
