@@ -437,3 +437,50 @@ def test_train_rm_run_directory_as_the_reward(tmp_path):
     expected = scorer.reward(ro["prompts"], ro["completions"], risk="mean-var", alpha=0.5).float()
     torch.testing.assert_close(ro["utility"], expected, atol=1e-5, rtol=1e-5)
     assert rec["reward_quantile/0.05"] < rec["reward_quantile/0.25"]
+
+
+def test_lora_trains_only_adapters_and_the_reference_is_the_base(tmp_path):
+    pytest.importorskip("peft")
+    model = make_policy()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = cfg_for(tmp_path, use_lora=True, lora_r=4, lora_alpha=8, learning_rate=5e-2, max_steps=2,
+                  lora_target_modules="q_proj,v_proj")
+    trainer = PolicyTrainer(cfg, model=model, tokenizer=make_tokenizer(), prompts=PROMPTS, reward=count_a)
+    assert trainer.ref_model is None
+    trainer.train_step()
+    trainer.train_step()
+    ro = trainer.last_rollout
+    # the reference (adapters off) is the initial policy: compare with a fresh copy's log-probs
+    fresh = make_policy().eval()
+    for r in range(2):
+        n = int(ro["mask"][r].sum())
+        ref_lp, _ = unpadded_logprobs(fresh, trainer.prompt_tokens[ro["rows"][r]], ro["ids"][r, :n].tolist())
+        torch.testing.assert_close(ro["ref_logprobs"][r, :n].double(), ref_lp, atol=2e-5, rtol=1e-5)
+    sd = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+          for k, v in trainer.model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(sd[k], base[k]) for k in base)  # frozen base
+    assert float(ro["kl"].abs().sum()) > 0  # the adapters moved the policy
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    runs = []
+    for gc in (False, True):
+        cfg = cfg_for(tmp_path / str(gc), gradient_checkpointing=gc, max_steps=1)
+        tr = PolicyTrainer(cfg, model=make_policy(), tokenizer=make_tokenizer(), prompts=PROMPTS, reward=count_a)
+        m = tr.model
+        on = getattr(m, "is_activation_checkpointing", None)
+        assert (on if on is not None else m.is_gradient_checkpointing) == gc
+        rec = tr.train_step()
+        runs.append((rec, {k: v.clone() for k, v in tr.model.state_dict().items()}))
+    (ra, wa), (rb, wb) = runs
+    assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-7)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_step_is_finite(tmp_path):
+    cfg = cfg_for(tmp_path, bf16=True, max_steps=1)
+    tr = PolicyTrainer(cfg, model=make_policy(), tokenizer=make_tokenizer(), prompts=PROMPTS, reward=count_a)
+    rec = tr.train_step()
+    assert all(math.isfinite(v) for v in rec.values())
+    assert tr.last_rollout["old_logprobs"].dtype == torch.float32

@@ -17,8 +17,9 @@ _CHUNK_ELEMENTS = 1 << 22
 def _chunk_stats(h: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, temperature: float,
                  want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    z = (h.to(acc) @ weight.to(acc).t()) / temperature  # (n, V) for one chunk only
-    lse = torch.logsumexp(z, dim=-1)
+    with torch.autocast(h.device.type, enabled=False):  # fp32 accumulation even under bf16 autocast
+        z = (h.to(acc) @ weight.to(acc).t()) / temperature  # (n, V) for one chunk only
+        lse = torch.logsumexp(z, dim=-1)
     lp = z.gather(-1, tgt[:, None]).squeeze(-1) - lse
     if want_entropy:
         ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1)

@@ -206,9 +206,13 @@ class PolicyTrainer:
                 p.requires_grad_(False)
         self.ref_model = ref_model
         if cfg.gradient_checkpointing:
-            if not hasattr(unwrap(model), "gradient_checkpointing_enable"):
-                raise ValueError("gradient_checkpointing: the model does not support gradient_checkpointing_enable()")
-            unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m = unwrap(model)
+            if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            elif hasattr(m, "gradient_checkpointing_enable"):
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                raise ValueError("gradient_checkpointing: the model supports no activation checkpointing")
         self.model = model
         value_head = None
         if cfg.algo == "ppo":
