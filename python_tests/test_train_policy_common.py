@@ -70,17 +70,25 @@ def read_metrics(run_dir) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def ddp_worker(rank: int, world: int, port: int, cfg_kwargs: dict, out_file: str) -> None:
-    """One rank of a gloo DDP run; rank 0 saves the final weights to ``out_file``."""
+def ddp_worker(rank: int, world: int, port: int, runs: list[dict], out_prefix: str) -> None:
+    """One rank of gloo runs (one process group, one config after the other); rank 0 saves each
+    run's final weights to ``out_prefix + str(i) + '.pt'``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    import torch.distributed as dist
+
     from prefcore.train.policy import PolicyConfig, train_policy
 
-    cfg = PolicyConfig(**cfg_kwargs)
-    train_policy(cfg, model=make_policy(), tokenizer=make_tokenizer(), prompts=PROMPTS, reward=count_a)
-    if rank == 0:
-        from transformers import LlamaForCausalLM
+    dist.init_process_group("gloo")
+    try:
+        for i, kw in enumerate(runs):
+            cfg = PolicyConfig(**kw)
+            train_policy(cfg, model=make_policy(), tokenizer=make_tokenizer(), prompts=PROMPTS, reward=count_a)
+            if rank == 0:
+                from transformers import LlamaForCausalLM
 
-        m = LlamaForCausalLM.from_pretrained(os.path.join(cfg.run_dir, "policy"))
-        torch.save(m.state_dict(), out_file)
+                m = LlamaForCausalLM.from_pretrained(os.path.join(cfg.run_dir, "policy"))
+                torch.save(m.state_dict(), f"{out_prefix}{i}.pt")
+    finally:
+        dist.destroy_process_group()

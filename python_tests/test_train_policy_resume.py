@@ -68,35 +68,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_one_process(tmp_path):
+def test_ddp_and_fsdp_two_processes_match_one_process(tmp_path):
     """2 gloo ranks × 2 prompts per rank = 1 process × 4 prompts: same global batch, same sampling
-    streams; metrics and final weights agree within fp tolerance. PPO (value head under DDP, two
-    epochs) with advantage whitening across ranks; one case only (each spawn costs ~15 s on 2 cores)."""
-    algo = "ppo"
+    streams; metrics and final weights agree within fp tolerance — under DDP, under FSDP2
+    (``fully_shard``), and after an FSDP2 resume. PPO (value head, two epochs) with advantage
+    whitening across ranks; one spawn runs all three (each spawn costs ~15 s on 2 cores)."""
     import torch.multiprocessing as mp
 
-    common = dict(algo=algo, num_generations=2, max_completion_length=5, max_steps=2, learning_rate=2e-2,
-                  kl_coef=0.05, no_progress=True, whiten_advantages=True, device="cpu",
-                  num_ppo_epochs=2 if algo == "ppo" else 1)
+    common = dict(algo="ppo", num_generations=2, max_completion_length=5, max_steps=2, learning_rate=2e-2,
+                  kl_coef=0.05, no_progress=True, whiten_advantages=True, device="cpu", num_ppo_epochs=2)
     one = PolicyConfig(out=str(tmp_path / "one"), per_device_train_batch_size=4, **common)
     train_policy(one, model=make_policy(), tokenizer=make_tokenizer(), prompts=PROMPTS, reward=count_a)
 
-    two = dict(out=str(tmp_path / "two"), per_device_train_batch_size=2, **common)
+    two = dict(per_device_train_batch_size=2, **common)
+    runs = [dict(out=str(tmp_path / "ddp"), **two), dict(out=str(tmp_path / "fsdp"), fsdp=True, **two),
+            # FSDP2 resume: one step with a checkpoint, then resume to step 2
+            dict(out=str(tmp_path / "fsdp-resume"), fsdp=True, **{**two, "max_steps": 1}),
+            dict(out=str(tmp_path / "fsdp-resume"), fsdp=True, resume=True, **two)]
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=ddp_worker, args=(r, 2, port, two, str(tmp_path / "w.pt"))) for r in range(2)]
+    procs = [ctx.Process(target=ddp_worker, args=(r, 2, port, runs, str(tmp_path / "w"))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=240)
+        p.join(timeout=300)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
-    ra, rb = _strip(read_metrics(tmp_path / "one")), _strip(read_metrics(tmp_path / "two"))
-    assert len(ra) == len(rb) == 2
-    for x, y in zip(ra, rb):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), k
-    wa, wb = _weights(tmp_path / "one"), torch.load(tmp_path / "w.pt")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    ra = _strip(read_metrics(tmp_path / "one"))
+    wa = _weights(tmp_path / "one")
+    for i, name in ((0, "ddp"), (1, "fsdp"), (3, "fsdp-resume")):
+        rb = _strip(read_metrics(tmp_path / name))
+        assert len(ra) == len(rb) == 2, name
+        for x, y in zip(ra, rb):
+            assert x.keys() == y.keys()
+            for k in x:
+                assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), (name, k)
+        wb = torch.load(tmp_path / f"w{i}.pt")
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")

@@ -151,8 +151,12 @@ class PolicyWithValue(nn.Module):
         self.model = model
         self.value_head = value_head
 
-    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
-                return_entropy: bool = False):
+    def forward(self, prompt_ids, prompt_mask, completion_ids=None, completion_mask=None, temperature: float = 1.0,
+                return_entropy: bool = False, sample: dict | None = None):
+        if sample is not None:  # sampling runs inside forward, so FSDP2's hooks gather the root's parameters
+            from prefcore.train.policy.sampling import sample_completions
+
+            return sample_completions(self.model, prompt_ids, prompt_mask, temperature=temperature, **sample)
         lp, ent, hidden = completion_logprobs(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                               temperature=temperature, return_entropy=return_entropy)
         values = None

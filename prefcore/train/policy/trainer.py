@@ -49,7 +49,7 @@ from prefcore.train.policy.losses import (
 )
 from prefcore.train.policy.prompts import load_prompts
 from prefcore.train.policy.rewards import low_quantiles, make_reward, reward_kind
-from prefcore.train.policy.sampling import completion_noise, stream_seed, sample_completions
+from prefcore.train.policy.sampling import completion_noise, stream_seed
 
 QUANTILE_LEVELS = (0.05, 0.1, 0.25)
 TIMING_KEYS = ("step_time", "tokens_per_s", "time/generate", "time/score", "time/update")
@@ -146,8 +146,11 @@ class PolicyTrainer:
         self.device = _resolve_device(cfg)
         self._owns_pg = _maybe_init_distributed(str(self.device))
         self.rank, self.world = _world()
-        if cfg.fsdp:
-            raise ValueError("fsdp: FSDP2 sharding is not implemented yet on this branch (use DDP: torchrun without --fsdp)")
+        if cfg.fsdp and self.world < 2:
+            raise ValueError("fsdp: FSDP2 sharding needs a torchrun launch with >= 2 processes "
+                             "(torchrun --nproc-per-node N prefcore train-policy --fsdp true …)")
+        if cfg.fsdp and cfg.use_lora:
+            raise ValueError("fsdp: sharding LoRA adapters is not supported; use DDP (drop --fsdp) with use_lora")
 
         model = model if model is not None else cfg.model_name_or_path
         prompts = prompts if prompts is not None else cfg.dataset
@@ -224,7 +227,10 @@ class PolicyTrainer:
         self.module = PolicyWithValue(model, value_head)
         self.ref_module = PolicyWithValue(ref_model) if ref_model is not None else None
         self.ddp = None
-        if self.world > 1:
+        self.fsdp = cfg.fsdp
+        if self.fsdp:
+            self._shard()
+        elif self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
@@ -285,15 +291,56 @@ class PolicyTrainer:
         if self.world > 1:
             dist.barrier()
 
+    def _shard(self) -> None:
+        """FSDP2: ``fully_shard`` every decoder layer and then the root (policy + value head; the
+        embeddings, final norm and LM head live in the root's group), same for the reference. Sampling
+        runs inside the root's forward (``PolicyWithValue(..., sample=…)``), so the hooks gather what it reads."""
+        from torch.distributed.fsdp import fully_shard
+
+        for module in (self.module, self.ref_module):
+            if module is None:
+                continue
+            layers = getattr(trunk_and_head(module.model)[0], "layers", None)
+            if not isinstance(layers, nn.ModuleList):
+                raise ValueError("fsdp: the model's trunk has no `layers` ModuleList of decoder blocks to shard")
+            for layer in layers:
+                fully_shard(layer)
+            fully_shard(module)
+
+    def _module_state(self) -> tuple[dict, dict]:
+        if not self.fsdp:
+            return self.module.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.module, options=opts),
+                get_optimizer_state_dict(self.module, self.optimizer, options=opts))
+
     def _state(self) -> dict:
-        return {"step": self.step, "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+        module_sd, optim_sd = self._module_state()
+        return {"step": self.step, "module": module_sd, "optimizer": optim_sd,
                 "kl_controller": self.kl.state_dict(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "initial_sha256": self.initial_sha, "config": self.cfg.saved()}
 
     def _load_state(self, ckpt: dict) -> None:
-        self.module.load_state_dict(ckpt["module"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.module, ckpt["module"], options=opts)
+            set_optimizer_state_dict(self.module, self.optimizer, ckpt["optimizer"], options=opts)
+        else:
+            self.module.load_state_dict(ckpt["module"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.kl.load_state_dict(ckpt["kl_controller"])
         torch.set_rng_state(ckpt["torch_rng"])
         if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -301,8 +348,9 @@ class PolicyTrainer:
         self.step = int(ckpt["step"])
 
     def save_checkpoint(self) -> None:
+        state = self._state()  # collective under FSDP
         if self.rank == 0:
-            atomic_torch_save(os.path.join(self.out, CHECKPOINT), self._state())
+            atomic_torch_save(os.path.join(self.out, CHECKPOINT), state)
         if self.world > 1:
             dist.barrier()
 
@@ -363,10 +411,9 @@ class PolicyTrainer:
         gen.eval()
         chunks = []
         for sl in self._micro_slices(len(rows)):
-            with self._autocast():
-                chunks.append(sample_completions(self.model, pids[sl], pmask[sl], noise[sl], eos_id=self.eos_id,
-                                                 pad_id=self.pad_id, temperature=cfg.temperature, top_k=cfg.top_k,
-                                                 top_p=cfg.top_p))
+            with self._autocast(), torch.no_grad():
+                chunks.append(self.module(pids[sl], pmask[sl], temperature=cfg.temperature, sample=dict(
+                    noise=noise[sl], eos_id=self.eos_id, pad_id=self.pad_id, top_k=cfg.top_k, top_p=cfg.top_p)))
         gen.train(was_training)
         tc = max(c.ids.shape[1] for c in chunks)
         ids = torch.cat([nn.functional.pad(c.ids, (0, tc - c.ids.shape[1]), value=self.pad_id) for c in chunks])
@@ -483,6 +530,8 @@ class PolicyTrainer:
                 gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             else:
                 gn = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+            if hasattr(gn, "full_tensor"):  # a DTensor under FSDP2
+                gn = gn.full_tensor()
             sums["grad_norm"] += float(gn)
             self.optimizer.step()
         self.module.eval()
@@ -559,15 +608,20 @@ class PolicyTrainer:
                 "policy_dir": os.path.join(self.out, "policy")}
 
     def save_final(self) -> None:
+        full = self._module_state()[0] if self.fsdp else None  # collective under FSDP
         if self.rank == 0:
             pdir = os.path.join(self.out, "policy")
             m = self.model.merge_and_unload() if self.lora and hasattr(self.model, "merge_and_unload") else unwrap(self.model)
-            m.save_pretrained(pdir)
+            if full is None:
+                m.save_pretrained(pdir)
+                head_sd = self.module.value_head.state_dict() if self.module.value_head is not None else None
+            else:
+                m.save_pretrained(pdir, state_dict={k[len("model."):]: v for k, v in full.items() if k.startswith("model.")})
+                head_sd = {k[len("value_head."):]: v for k, v in full.items() if k.startswith("value_head.")} or None
             if hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(pdir)
-            if self.module.value_head is not None:
-                atomic_save_safetensors(os.path.join(self.out, "value_head.safetensors"),
-                                        self.module.value_head.state_dict())
+            if head_sd is not None:
+                atomic_save_safetensors(os.path.join(self.out, "value_head.safetensors"), head_sd)
         if self.world > 1:
             dist.barrier()
 
