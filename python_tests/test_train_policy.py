@@ -484,3 +484,19 @@ def test_bf16_autocast_step_is_finite(tmp_path):
     rec = tr.train_step()
     assert all(math.isfinite(v) for v in rec.values())
     assert tr.last_rollout["old_logprobs"].dtype == torch.float32
+
+
+def test_missing_eos_penalty_then_reward_clip(tmp_path):
+    """One new token: a completion is truncated unless that token is EOS. The utility that enters
+    the advantages is clamp(reward − penalty·truncated, ±reward_clip); the logged reward is the raw one."""
+    cfg = cfg_for(tmp_path, max_completion_length=1, missing_eos_penalty=3.0, reward_clip=4.0, max_steps=1,
+                  per_device_train_batch_size=4, num_generations=4)
+    tr = PolicyTrainer(cfg, model=make_policy(), tokenizer=make_tokenizer(), prompts=PROMPTS,
+                       reward=lambda ps, cs, **kw: [5.0] * len(ps))
+    rec = tr.train_step()
+    ro = tr.last_rollout
+    trunc = (ro["ids"][:, 0] != EOS)
+    assert torch.equal(ro["truncated"].cpu(), trunc)
+    expected = torch.where(trunc, torch.tensor(2.0), torch.tensor(4.0))
+    torch.testing.assert_close(ro["utility"], expected)
+    assert rec["reward"] == 5.0 and rec["completions/clipped_ratio"] == pytest.approx(float(trunc.float().mean()))

@@ -117,3 +117,10 @@ def test_cli_yaml_then_flags_end_to_end(files, tmp_path, capsys):
     assert saved["algo"] == "grpo" and "max_steps" not in saved  # a resumed run may run longer
     assert (tmp_path / "run" / "policy" / "config.json").exists()
     assert "prefcore train-policy →" in capsys.readouterr().out
+
+
+def test_embedded_default_hook_is_named(capsys):
+    """No model/prompts/reward: the embedded default (``default_world_setup``, wired to the text
+    world on main) — on this branch a clear one-line error."""
+    assert main(["train-policy", "--no_progress", "true"]) == 2
+    assert "embedded default" in capsys.readouterr().err
