@@ -3,6 +3,7 @@ that override it (``prefcore train-policy run.yaml --max_steps 10``), parsed by 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 
@@ -31,7 +32,7 @@ def run_train_policy(argv: Sequence[str]) -> int:
         print(f"prefcore train-policy: error: {exc}", file=sys.stderr)
         return 2
     m = result["metrics"]
-    if m:
+    if m and int(os.environ.get("RANK", "0")) == 0:
         print(f"prefcore train-policy → {result['output_dir']} (step {result['step']}: reward {m['reward']:.4f}, "
               f"utility {m['utility']:.4f}, kl {m['kl']:.4f})")
     return 0
