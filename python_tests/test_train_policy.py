@@ -500,3 +500,26 @@ def test_missing_eos_penalty_then_reward_clip(tmp_path):
     expected = torch.where(trunc, torch.tensor(2.0), torch.tensor(4.0))
     torch.testing.assert_close(ro["utility"], expected)
     assert rec["reward"] == 5.0 and rec["completions/clipped_ratio"] == pytest.approx(float(trunc.float().mean()))
+
+
+def test_any_causal_lm_gpt2_logprobs_and_a_step(tmp_path):
+    """Not only Llama: GPT-2 (absolute positions, its own cache) gives the same log-probs as its
+    full-logits forward under left padding, and trains a step."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=19, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                       bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)).eval()
+    prompts = [[3, 4, 5, 6], [7]]
+    completions = [[8, 9, EOS], [10, 11, 12, 13]]
+    pids, pmask = left_pad(prompts)
+    cids = torch.tensor([[8, 9, EOS, PAD], [10, 11, 12, 13]])
+    cmask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        lp, _, _ = completion_logprobs(model, pids, pmask, cids, cmask)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ref_lp, _ = unpadded_logprobs(model, p, c)
+        torch.testing.assert_close(lp[i, :len(c)].double(), ref_lp, atol=2e-5, rtol=1e-5)
+    res = train_policy(cfg_for(tmp_path, max_steps=1), model=model, tokenizer=make_tokenizer(), prompts=PROMPTS,
+                       reward=count_a)
+    assert res["step"] == 1 and math.isfinite(res["metrics"]["loss"])

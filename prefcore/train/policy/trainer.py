@@ -35,7 +35,13 @@ import torch.distributed as dist
 from torch import nn
 
 from prefcore import ops
-from prefcore._io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, sha256_state_dict
+from prefcore._io import (
+    atomic_save_safetensors,
+    atomic_torch_save,
+    atomic_write_json,
+    sha256_state_dict,
+    sha256_strings,
+)
 from prefcore.train.loop import CHECKPOINT, METRICS, MetricsLog
 from prefcore.train.policy.config import PolicyConfig, load_utility
 from prefcore.train.policy.logprobs import PolicyWithValue, trunk_and_head, unwrap
@@ -266,7 +272,8 @@ class PolicyTrainer:
     def _setup_run_dir(self) -> None:
         cfg, out = self.cfg, self.out
         config_path = os.path.join(out, "config.json")
-        now = {**cfg.saved(), "num_prompts": len(self.prompts), "world_size_independent": True}
+        now = {**cfg.saved(), "prompts_sha256": sha256_strings(self.prompts),
+               "global_prompts_per_step": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world}
         if cfg.resume:
             ckpt_path = os.path.join(out, CHECKPOINT)
             if not os.path.exists(ckpt_path):
@@ -467,8 +474,18 @@ class PolicyTrainer:
         batch = self._rollout(step)
         t1 = time.perf_counter()
         prompts, completions = self._texts(batch)
-        scored = self.reward(prompts, completions, completion_ids=[ids[m].tolist() for ids, m in
-                                                                   zip(batch["ids"].cpu(), batch["mask"].cpu())])
+        failure = None
+        try:
+            scored = self.reward(prompts, completions, completion_ids=[ids[m].tolist() for ids, m in
+                                                                       zip(batch["ids"].cpu(), batch["mask"].cpu())])
+        except ValueError as exc:
+            failure = exc
+        if self.world > 1:  # every rank stops together (no rank left waiting in a collective)
+            failed = _allreduce(torch.tensor([0.0 if failure is None else 1.0]), self.world)
+            if failed.item() > 0 and failure is None:
+                raise ValueError("reward: the reward failed on another rank (its error names the prompt)")
+        if failure is not None:
+            raise failure
         utility = scored.utility.clone()
         truncated = batch["truncated"].cpu()
         if cfg.missing_eos_penalty is not None:
