@@ -124,3 +124,22 @@ def test_embedded_default_hook_is_named(capsys):
     world on main) — on this branch a clear one-line error."""
     assert main(["train-policy", "--no_progress", "true"]) == 2
     assert "embedded default" in capsys.readouterr().err
+
+
+def test_prompt_sources(tmp_path):
+    import datasets
+
+    from prefcore.data.schemas import DataValidationError
+    from prefcore.train.policy.prompts import load_prompts
+
+    rows = [{"prompt": "a b", "id": 1}, {"prompt": "c", "id": 2}]
+    assert load_prompts(datasets.Dataset.from_list(rows)) == ["a b", "c"]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "p.parquet"))
+    assert load_prompts(str(tmp_path / "p.parquet")) == ["a b", "c"]
+    assert load_prompts(["x y", "z"]) == ["x y", "z"]
+    with pytest.raises(ValueError, match="has no 'prompt' column"):
+        load_prompts(datasets.Dataset.from_list([{"text": "a"}]))
+    with pytest.raises(DataValidationError, match=r"<prompts>, row 1, field 'prompt': expected a non-empty string"):
+        load_prompts(["ok", "   "])
+    with pytest.raises(ValueError, match="holds no prompts"):
+        load_prompts([])
