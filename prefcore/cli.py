@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 COMMANDS = {
     "train-rm": "train a reward model (bt, bt-margin, qrm, gmm, mean-var)",
+    "train-policy": "RLOO / GRPO / PPO of a causal LM against a (distributional) reward",
     "bench": "run the op benchmarks (needs a source checkout: python -m bench)",
 }
 
@@ -83,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"prefcore train-rm: error: {exc}", file=sys.stderr)
             return 2
         return 0
+    if command == "train-policy":
+        from prefcore.train.policy.cli import run_train_policy
+
+        return run_train_policy(rest)
     if command == "bench":
         try:
             from bench.harness import main as bench_main
