@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 COMMANDS = {
     "train-rm": "train a reward model (bt, bt-margin, qrm, gmm, mean-var)",
+    "train-policy": "RLOO / GRPO / PPO of a causal LM against a (distributional) reward",
     "demo": "the whole pipeline on the embedded text world, with a report and plots (--quick: < 2 min)",
     "bench": "run the op benchmarks (needs a source checkout: python -m bench)",
 }
@@ -108,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"prefcore train-rm: error: {exc}", file=sys.stderr)
             return 2
         return 0
+    if command == "train-policy":
+        from prefcore.train.policy.cli import run_train_policy
+
+        return run_train_policy(rest)
     if command == "demo":
         return run_demo_command(rest)
     if command == "bench":

@@ -5,7 +5,7 @@ multi-annotator tables).
 
 ``datasets`` is imported only when a file is read, so importing this package is cheap.
 """
-from prefcore.data import synthetic
+from prefcore.data import synthetic, text_world
 from prefcore.data.adapters import (
     HELPSTEER2_ATTRIBUTES,
     ULTRAFEEDBACK_ASPECTS,
@@ -22,6 +22,7 @@ from prefcore.data.adapters import (
 )
 from prefcore.data.containers import AttributesDataset, PairsDataset, RatingsDataset, RecordSet
 from prefcore.data.io import load_attributes, load_pairs, load_ratings, read_rows, save_jsonl
+from prefcore.data.text_world import TextWorld, TextWorldConfig
 from prefcore.data.schemas import (
     AttributeRecord,
     DataValidationError,
@@ -34,6 +35,9 @@ from prefcore.data.schemas import (
 
 __all__ = [
     "synthetic",
+    "text_world",
+    "TextWorld",
+    "TextWorldConfig",
     # schemas
     "DataValidationError",
     "RatingRecord",

@@ -166,7 +166,7 @@ def policy_flags(utility: str, *, out: Path, world_dir: Path, rm_dir: Path, seed
 
 
 def stage_policy(out: Path, flags: Sequence[str]) -> dict[str, Any]:
-    from prefcore.cli import parse_train_policy
+    from prefcore.train.policy.cli import parse_train_policy
     from prefcore.train.policy import train_policy
 
     cfg = parse_train_policy(flags)

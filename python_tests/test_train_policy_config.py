@@ -1,0 +1,119 @@
+"""Every bad setting of policy training gives a one-line error naming it, before any model is loaded;
+and the ``prefcore train-policy`` CLI end to end (flags, a YAML file then overriding flags)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prefcore.cli import main
+from prefcore.train.policy import PolicyConfig
+from python_tests.test_train_policy_common import make_policy, make_tokenizer, read_metrics
+
+REWARD_FN = "python_tests.test_train_policy_common:count_a"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_generations": 1}, "num_generations must be >= 2 for algo='rloo'"),
+    ({"algo": "grpo", "num_generations": 1}, "num_generations must be >= 2 for algo='grpo'"),
+    ({"algo": "dpo"}, "algo must be one of"),
+    ({"utility": "ce:abc"}, "utility: ce needs a number"),
+    ({"utility": "ce:nan"}, "utility: the parameter of ce must be finite"),
+    ({"utility": "mean-var:-1"}, "utility: mean-var needs a parameter >= 0"),
+    ({"utility": "cvar:1.5"}, r"utility: cvar:α needs α in \(0, 1\]"),
+    ({"utility": "quantile:0"}, r"utility: quantile:τ needs τ in \(0, 1\)"),
+    ({"utility": "median"}, "utility: unknown kind 'median'"),
+    ({"utility": "mean:2"}, "utility: 'mean' takes no parameter"),
+    ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"top_p": 1.5}, "top_p must be <= 1"),
+    ({"top_k": -1}, "top_k must be an integer >= 0"),
+    ({"epsilon": 0.0}, "epsilon must be > 0"),
+    ({"clip_ratio_c": 0.5}, "clip_ratio_c must be > 1"),
+    ({"loss_agg_mode": "mean"}, "loss_agg_mode must be one of"),
+    ({"kl_estimator": "k4"}, "kl_estimator must be one of"),
+    ({"kl_coef": -0.1}, "kl_coef must be >= 0"),
+    ({"target_kl": 1.0, "kl_coef": 0.0}, "kl_coef must be > 0 when target_kl is set"),
+    ({"kl_in_reward": False}, "kl_in_reward=False .* is a grpo option"),
+    ({"gamma": 1.5}, "gamma must be <= 1"),
+    ({"lam": -0.1}, "lam must be >= 0"),
+    ({"max_completion_length": 0}, "max_completion_length must be an integer >= 1"),
+    ({"learning_rate": float("inf")}, "learning_rate must be a finite number"),
+    ({"reward_clip": 0.0}, "reward_clip must be > 0"),
+    ({"device": "tpu"}, "device must be"),
+    ({"output_dir": "a", "out": "b"}, "output_dir and out name different directories"),
+])
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PolicyConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("policy-files")
+    make_policy(path=d / "policy")
+    make_tokenizer(d / "policy")
+    with open(d / "prompts.jsonl", "w") as f:
+        for p in ("a b c", "d e", "f g h i", "j"):
+            f.write(json.dumps({"prompt": p}) + "\n")
+    with open(d / "bad.jsonl", "w") as f:
+        f.write(json.dumps({"prompt": "a b"}) + "\n" + json.dumps({"prompt": 3}) + "\n")
+    from transformers import LlamaModel
+
+    make_policy().model.save_pretrained(d / "trunk-only")  # a LlamaModel: no LM head
+    make_tokenizer(d / "trunk-only")
+    for name, kw in (("no-pad", {"pad": False}), ("no-eos", {"eos": False})):
+        make_policy(path=d / name)
+        make_tokenizer(d / name, **kw)
+    assert LlamaModel  # imported for the saved architecture above
+    return d
+
+
+def _run(files, tmp_path, *extra, model="policy"):
+    return main(["train-policy", "--model_name_or_path", str(files / model), "--dataset", str(files / "prompts.jsonl"),
+                 "--reward_model", REWARD_FN, "--out", str(tmp_path / "run"), "--no_progress", "true",
+                 "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "4",
+                 *extra])
+
+
+@pytest.mark.parametrize("extra, model, match", [
+    (["--utility", "cvar:x"], "policy", "utility: cvar needs a number"),
+    (["--num_generations", "1"], "policy", "num_generations must be >= 2"),
+    (["--reward_model", "/nonexistent/rm"], "policy", "reward_model: no such directory '/nonexistent/rm'"),
+    (["--reward_model", "MODEL_DIR"], "policy", "reward_model: .* is neither a prefcore train-rm run"),
+    (["--reward_model", "no_such_module_xyz:f"], "policy", "reward_model: cannot import"),
+    (["--dataset", "/nonexistent/p.jsonl"], "policy", "no such file"),
+    (["--dataset", "BAD"], "policy", r"bad.jsonl, row 1, field 'prompt': expected a non-empty string"),
+    ([], "missing-dir", "model_name_or_path: no such directory"),
+    ([], "trunk-only", "model_name_or_path: .* holds a LlamaModel, not a causal LM"),
+    ([], "no-pad", "tokenizer: needs a pad token and an eos token"),
+    ([], "no-eos", "tokenizer: needs a pad token and an eos token"),
+])
+def test_cli_errors_before_any_model_is_loaded(files, tmp_path, monkeypatch, capsys, extra, model, match):
+    import re
+
+    import transformers
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    extra = [str(files / "policy") if e == "MODEL_DIR" else str(files / "bad.jsonl") if e == "BAD" else e
+             for e in extra]
+    assert _run(files, tmp_path, *extra, model=model) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1].split("\r")[-1]  # after datasets' progress bars
+    assert err.startswith("prefcore train-policy: error:")
+    assert re.search(match, err), err
+
+
+def test_cli_yaml_then_flags_end_to_end(files, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: {files / 'policy'}\ndataset: {files / 'prompts.jsonl'}\n"
+                   f"reward_model: {REWARD_FN}\nout: {tmp_path / 'run'}\nnum_generations: 2\n"
+                   "per_device_train_batch_size: 2\nmax_completion_length: 4\nmax_steps: 5\nno_progress: true\n")
+    assert main(["train-policy", str(cfg), "--max_steps", "2", "--algo", "grpo"]) == 0
+    recs = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in recs] == [1, 2]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["algo"] == "grpo" and "max_steps" not in saved  # a resumed run may run longer
+    assert (tmp_path / "run" / "policy" / "config.json").exists()
+    assert "prefcore train-policy →" in capsys.readouterr().out
