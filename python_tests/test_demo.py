@@ -49,8 +49,8 @@ def test_report_tables_equal_metrics_files(demo_run):
     text = (out / "report.md").read_text()
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     rows = _table(text, "policy")
-    assert [r[0] for r in rows] == list(metrics["policies"])
-    assert {"start", "rloo-mean", "rloo-ce4", "rloo-mean-var1", "rloo-cvar0.25"} <= set(metrics["policies"])
+    assert [r[0] for r in rows] == metrics["policy_order"] == [
+        "start", "rloo-mean", "rloo-ce4", "rloo-mean-var1", "rloo-cvar0.25"]
     for r in rows:
         vals = metrics["policies"][r[0]]
         assert r[1:] == [report.fmt(vals[k]) for k, _ in report.POLICY_COLUMNS], r[0]

@@ -110,6 +110,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "world": world, "feedback": {"num_rated": fb["train"]["num_rated"], "num_pairs": fb["train"]["num_pairs"],
                                          "ratings_per_response": fb["ratings_per_response"]},
             "policies": pols, "reward_models": rms,
+            "policy_order": list(models), "rm_order": list(rm_dirs),
         }
         from prefcore._io import atomic_write_json
 

@@ -95,8 +95,8 @@ def stage_world(out: Path, *, seed: int, s: DemoSettings, progress: bool) -> dic
 def stage_feedback(out: Path, *, world_dir: Path, seed: int, s: DemoSettings) -> dict[str, Any]:
     from prefcore.data.text_world import TextWorld
 
-    world = TextWorld.load(world_dir)
-    model = TextWorld.load_policy(world_dir)
+    world = TextWorld.load(world_dir / "policy")
+    model = TextWorld.load_policy(world_dir / "policy")
     result: dict[str, Any] = {}
     for split, n, offset in (("train", s.feedback_prompts, 11), ("heldout", s.heldout_prompts, 13)):
         prompts = world.prompts(n, seed=seed * 1000 + offset)

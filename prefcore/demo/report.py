@@ -62,11 +62,12 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]],
 
 
 def policy_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [{"policy": name, **vals} for name, vals in metrics["policies"].items()]
+    """Rows in run order (``policy_order``: the start policy, then one per utility)."""
+    return [{"policy": name, **metrics["policies"][name]} for name in metrics["policy_order"]]
 
 
 def rm_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [{"model": name, **vals} for name, vals in metrics["reward_models"].items()]
+    return [{"model": name, **metrics["reward_models"][name]} for name in metrics["rm_order"]]
 
 
 def findings(metrics: Mapping[str, Any]) -> list[str]:
@@ -77,7 +78,8 @@ def findings(metrics: Mapping[str, Any]) -> list[str]:
     if base is None:
         return []
     out = []
-    for name, p in pols.items():
+    for name in metrics["policy_order"]:
+        p = pols[name]
         if not name.startswith("rloo-") or name == "rloo-mean":
             continue
         d_crr = p["crr"] - base["crr"]
