@@ -13,6 +13,7 @@ from collections.abc import Sequence
 COMMANDS = {
     "train-rm": "train a reward model (bt, bt-margin, qrm, gmm, mean-var)",
     "train-policy": "RLOO / GRPO / PPO of a causal LM against a (distributional) reward",
+    "demo": "the whole pipeline on the embedded text world, with a report and plots (--quick: < 2 min)",
     "bench": "run the op benchmarks (needs a source checkout: python -m bench)",
 }
 
@@ -69,6 +70,30 @@ def parse_train_rm(argv: Sequence[str]):
     return cfg
 
 
+def parse_demo(argv: Sequence[str]):
+    """Parse ``demo`` arguments (``--out DIR --seed N --quick --no_progress``)."""
+    from transformers import HfArgumentParser
+
+    from prefcore.demo import DemoConfig
+
+    parser = HfArgumentParser(DemoConfig, prog="prefcore demo",
+                              description="Run the whole pipeline on the embedded text world and write a report.")
+    (cfg,) = parser.parse_args_into_dataclasses(args=list(argv), look_for_args_file=False)
+    return cfg
+
+
+def run_demo_command(argv: Sequence[str]) -> int:
+    from prefcore.demo import run_demo
+
+    try:
+        cfg = parse_demo(argv)
+    except ValueError as exc:
+        print(f"prefcore demo: error: {exc}", file=sys.stderr)
+        return 2
+    run_demo(cfg)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -88,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from prefcore.train.policy.cli import run_train_policy
 
         return run_train_policy(rest)
+    if command == "demo":
+        return run_demo_command(rest)
     if command == "bench":
         try:
             from bench.harness import main as bench_main
