@@ -9,7 +9,7 @@ import torch
 
 from prefcore.train.policy import PolicyConfig, PolicyTrainer, train_policy
 from prefcore.train.policy import trainer as trainer_mod
-from prefcore.train.policy.logprobs import _token_logprobs, completion_logprobs, positions
+from prefcore.train.policy.logprobs import completion_logprobs, positions
 from prefcore.train.policy.losses import AdaptiveKL, agg_denominator, agg_numerator, clipped_policy_loss
 from prefcore.train.policy.sampling import completion_mask, filter_logits
 from python_tests.test_train_policy_common import (
@@ -74,41 +74,6 @@ def test_completion_logprobs_match_full_logits_with_left_padding(temperature):
         torch.testing.assert_close(lp[i, :len(c)].double(), ref_lp, atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(ent[i, :len(c)].double(), ref_ent, atol=2e-5, rtol=1e-5)
         assert (lp[i, len(c):] == 0).all() and (ent[i, len(c):] == 0).all()
-
-
-def test_token_logprobs_values_and_gradients_match_log_softmax():
-    g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(4, 7, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 50, (4, 7), generator=g)
-    mask = torch.rand(4, 7, generator=g) > 0.3
-    targets[~mask] = 10_000  # ignored on masked positions
-    lp, ent = _token_logprobs(hidden, weight, targets, mask=mask, temperature=0.9, return_entropy=True)
-    (lp.sum() + 0.5 * ent.sum()).backward()
-    gh, gw = hidden.grad.clone(), weight.grad.clone()
-
-    h2 = hidden.detach().clone().requires_grad_()
-    w2 = weight.detach().clone().requires_grad_()
-    logp = torch.log_softmax(h2 @ w2.t() / 0.9, -1)
-    safe = torch.where(mask, targets, 0)
-    ref_lp = logp.gather(-1, safe[..., None]).squeeze(-1) * mask
-    ref_ent = -(logp.exp() * logp).sum(-1) * mask
-    (ref_lp.sum() + 0.5 * ref_ent.sum()).backward()
-    torch.testing.assert_close(lp, ref_lp)
-    torch.testing.assert_close(ent, ref_ent)
-    torch.testing.assert_close(gh, h2.grad)
-    torch.testing.assert_close(gw, w2.grad)
-    assert (gh[~mask] == 0).all()
-
-
-def test_token_logprobs_errors():
-    h, w = torch.randn(3, 8), torch.randn(10, 8)
-    with pytest.raises(ValueError, match="share H"):
-        _token_logprobs(h, torch.randn(10, 7), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"targets must lie in \[0, 10\)"):
-        _token_logprobs(h, w, torch.tensor([0, 1, 10]))
-    with pytest.raises(ValueError, match="temperature"):
-        _token_logprobs(h, w, torch.tensor([0, 1, 2]), temperature=0.0)
 
 
 # ---- sampling and masks ------------------------------------------------------------------------

@@ -119,11 +119,24 @@ def test_cli_yaml_then_flags_end_to_end(files, tmp_path, capsys):
     assert "prefcore train-policy →" in capsys.readouterr().out
 
 
-def test_embedded_default_hook_is_named(capsys):
-    """No model/prompts/reward: the embedded default (``default_world_setup``, wired to the text
-    world on main) — on this branch a clear one-line error."""
-    assert main(["train-policy", "--no_progress", "true"]) == 2
-    assert "embedded default" in capsys.readouterr().err
+def test_embedded_default_runs_on_the_text_world(tmp_path, monkeypatch):
+    """No model/prompts/reward: the text world's pretrained policy, its 48 default prompts and the
+    population's exact rating distribution as the reward (pretraining shortened for the test)."""
+    from prefcore.data.text_world import TextWorld
+    from prefcore.train.policy import embedded
+
+    monkeypatch.setattr(embedded, "PRETRAIN_STEPS", 5)
+    out = tmp_path / "default"
+    assert main(["train-policy", "--utility", "cvar:0.25", "--max_steps", "2", "--no_progress", "true",
+                 "--output_dir", str(out)]) == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    # a distributional reward: the population's left-tail quantiles are logged
+    assert all("reward_quantile/0.05" in r for r in recs)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["utility"] == "cvar:0.25"
+    # the policy is the world's causal LM over its vocabulary
+    assert json.loads((out / "policy" / "config.json").read_text())["vocab_size"] == len(TextWorld().tokenizer)
 
 
 def test_prompt_sources(tmp_path):

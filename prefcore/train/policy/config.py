@@ -29,7 +29,7 @@ VOLATILE = ("resume", "no_progress", "max_steps", "save_steps", "logging_steps",
 
 def load_utility(spec: str):
     """``spec`` → ``utility(dist) -> (B,)``: the one place the trainer parses utilities."""
-    from prefcore.train.policy._utility_stub import parse_utility  # REPLACE-WITH-prefcore.utility
+    from prefcore.utility import parse_utility
 
     return parse_utility(spec)
 

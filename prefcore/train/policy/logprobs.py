@@ -2,80 +2,15 @@
 
 Every log-prob pass of the policy trainer (policy, reference, old policy) goes through
 :func:`completion_logprobs`, which runs the model's trunk (the base model without its LM head) and
-hands the hidden states and the head's weight to :func:`_token_logprobs`.
+hands the hidden states and the head's weight to the fused op :func:`prefcore.ops.token_logprobs`
+(tiled over tokens and vocabulary; masked positions are never computed).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-# Rows of the (rows, V) logits block one chunk may build (about 16 MiB of fp32 at V = 32k).
-_CHUNK_ELEMENTS = 1 << 22
-
-
-def _chunk_stats(h: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, temperature: float,
-                 want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    with torch.autocast(h.device.type, enabled=False):  # fp32 accumulation even under bf16 autocast
-        z = (h.to(acc) @ weight.to(acc).t()) / temperature  # (n, V) for one chunk only
-        lse = torch.logsumexp(z, dim=-1)
-    lp = z.gather(-1, tgt[:, None]).squeeze(-1) - lse
-    if want_entropy:
-        ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
-    else:
-        ent = torch.zeros_like(lp)
-    return lp, ent
-
-
-# REPLACE-WITH-OP: prefcore.ops.token_logprobs (DESIGN §3.5) is being written on another branch; this
-# pure-PyTorch stand-in has its exact signature and semantics. Swap the call in completion_logprobs.
-def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                    mask: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False):
-    """``logprob = z[target] − logsumexp(z)`` with ``z = hidden·weightᵀ/temperature`` (fp32
-    accumulation, fp64 for fp64), ``hidden (*, H)``, ``weight (V, H)``, ``targets (*,)`` int,
-    ``mask (*,)`` bool. Returns float32 ``(*,)`` (or ``(logprobs, entropy)`` with
-    ``entropy = logsumexp(z) − Σ softmax(z)·z``). Masked positions are 0, not computed, have zero
-    gradient and their target is ignored. Works in token chunks; with autograd each chunk is
-    recomputed in backward (activation checkpointing), so no ``(N, V)`` block is ever kept."""
-    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
-        raise ValueError(f"hidden (*, H) and weight (V, H) must share H, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be int64/int32, got {targets.dtype}")
-    if not (temperature > 0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if mask is None:
-        mask = torch.ones(targets.shape, dtype=torch.bool, device=targets.device)
-    elif mask.shape != targets.shape:
-        raise ValueError(f"mask must have shape {tuple(targets.shape)}, got {tuple(mask.shape)}")
-    mask = mask.bool()
-    v = weight.shape[0]
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    idx = mask.reshape(-1).nonzero().squeeze(-1)
-    tgt = targets.reshape(-1)[idx].long()
-    if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= v):
-        raise ValueError(f"targets must lie in [0, {v}) on valid tokens, got range [{int(tgt.min())}, {int(tgt.max())}]")
-    h = flat_h.index_select(0, idx)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, v))
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    lps, ents = [], []
-    for s in range(0, h.shape[0], chunk):
-        args = (h[s:s + chunk], weight, tgt[s:s + chunk], float(temperature), return_entropy)
-        lp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False) if grad else _chunk_stats(*args)
-        lps.append(lp)
-        ents.append(ent)
-    out_lp = torch.zeros(flat_h.shape[0], dtype=acc, device=hidden.device)
-    out_ent = torch.zeros(flat_h.shape[0], dtype=acc, device=hidden.device)
-    if lps:
-        out_lp = out_lp.index_put((idx,), torch.cat(lps))
-        out_ent = out_ent.index_put((idx,), torch.cat(ents))
-    out_lp = out_lp.reshape(targets.shape)
-    if return_entropy:
-        return out_lp, out_ent.reshape(targets.shape)
-    return out_lp
+from prefcore.ops import token_logprobs
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -133,8 +68,10 @@ def completion_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask:
     hidden states (for a value head). Returns ``(logprobs, entropy | None, hidden)``."""
     base, head = trunk_and_head(model)
     hidden = completion_hidden(base, prompt_ids, prompt_mask, completion_ids, completion_mask)
-    res = _token_logprobs(hidden, head.weight, completion_ids, mask=completion_mask.bool(),
-                          temperature=temperature, return_entropy=return_entropy)
+    # bf16 autocast leaves the trunk's hidden states in bf16 while the head weight stays fp32:
+    # the op takes one dtype, and accumulates in fp32 either way.
+    res = token_logprobs(hidden.to(head.weight.dtype), head.weight, completion_ids, mask=completion_mask.bool(),
+                         temperature=temperature, return_entropy=return_entropy)
     if return_entropy:
         return res[0], res[1], hidden
     return res, None, hidden

@@ -44,6 +44,7 @@ from prefcore._io import (
 )
 from prefcore.train.loop import CHECKPOINT, METRICS, MetricsLog
 from prefcore.train.policy.config import PolicyConfig, load_utility
+from prefcore.train.policy.embedded import default_world_setup
 from prefcore.train.policy.logprobs import PolicyWithValue, trunk_and_head, unwrap
 from prefcore.train.policy.losses import (
     AdaptiveKL,
@@ -59,14 +60,6 @@ from prefcore.train.policy.sampling import completion_noise, stream_seed
 
 QUANTILE_LEVELS = (0.05, 0.1, 0.25)
 TIMING_KEYS = ("step_time", "tokens_per_s", "time/generate", "time/score", "time/update")
-
-
-def default_world_setup() -> dict:
-    """The embedded default of ``prefcore train-policy`` with no model/prompts/reward: returns
-    ``{"model", "tokenizer", "prompts", "reward"}`` (any subset). To be wired to the text world
-    (``prefcore.data.text_world``) by the lead."""
-    raise NotImplementedError("the embedded default (text world) is not wired on this branch: pass "
-                              "--model_name_or_path, --dataset and --reward_model")
 
 
 # ---- distributed helpers -------------------------------------------------------------------
@@ -162,7 +155,8 @@ class PolicyTrainer:
         prompts = prompts if prompts is not None else cfg.dataset
         reward = reward if reward is not None else cfg.reward_model
         if model is None or prompts is None or reward is None:
-            world = default_world_setup()
+            world = default_world_setup(seed=cfg.seed, model=model is None, prompts=prompts is None,
+                                        reward=reward is None, progress=not cfg.no_progress)
             model = model if model is not None else world.get("model")
             tokenizer = tokenizer if tokenizer is not None else world.get("tokenizer")
             prompts = prompts if prompts is not None else world.get("prompts")
