@@ -424,3 +424,22 @@ def test_bad_inputs_raise_clear_errors():
         torch.ops.prefcore._gmm_nll_backward(torch.ones(3), logits, mu, log_sigma, grid, None, False)
     with pytest.raises(RuntimeError, match=r"grad_rows must have dtype Float"):
         torch.ops.prefcore._gmm_nll_backward(torch.ones(4, dtype=torch.float64), logits, mu, log_sigma, grid, None, False)
+
+
+# ---- issue 14 regressions --------------------------------------------------------------------
+
+def test_expanded_per_row_points_are_checked_like_contiguous_ones():
+    """Row 2: stride-0 per-row points (one row expanded) get the finiteness check, not +inf."""
+    logits, mu, log_sigma = torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2)
+    pts = torch.tensor([[0.0, float("nan")]]).expand(3, 2)
+    with pytest.raises(RuntimeError, match=r"points must be finite, got nan at row 0 \(point 1\)"):
+        prefcore.ops.gmm_nll(logits, mu, log_sigma, pts)
+    with pytest.raises(RuntimeError, match=r"points must be finite, got nan at row 0 \(point 1\)"):
+        prefcore.ops.gmm_nll(logits, mu, log_sigma, pts.contiguous())
+    with pytest.raises(ValueError, match=r"points must be finite, got nan"):
+        ref.gmm_nll(logits, mu, log_sigma, pts)
+    # a finite expanded row agrees with its contiguous copy (and the reference)
+    good = torch.tensor([[0.3, -1.2]]).expand(3, 2)
+    out = prefcore.ops.gmm_nll(logits, mu, log_sigma, good, reduction="none")
+    torch.testing.assert_close(out, prefcore.ops.gmm_nll(logits, mu, log_sigma, good.contiguous(), reduction="none"))
+    torch.testing.assert_close(out, ref.gmm_nll(logits, mu, log_sigma, good, reduction="none"), rtol=1e-5, atol=1e-5)

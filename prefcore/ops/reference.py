@@ -87,7 +87,13 @@ def gmm_nll(
     normalize_grid: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Reference of :func:`prefcore.ops.gmm_nll`; builds the ``(*, K, G|N)`` broadcast."""
+    """Reference of :func:`prefcore.ops.gmm_nll`; builds the ``(*, K, G|N)`` broadcast.
+
+    Raises ``ValueError`` for the values the fused op rejects (non-finite parameters, points or
+    weights, negative weights, ``log_sigma`` below the accumulation dtype's limit), naming the
+    argument, row and value; the check is skipped while ``torch.compile`` traces."""
+    if not torch.compiler.is_compiling():
+        _check_gmm_values(logits, mu, log_sigma, points, weights)
     dtype = logits.dtype
     x = points.to(dtype)
     log_pi = torch.log_softmax(logits, dim=-1)
@@ -105,6 +111,27 @@ def gmm_nll(
     if reduction == "sum":
         return row.sum()
     return row.sum() / has_weight.sum().clamp_min(1).to(dtype)
+
+
+def _check_gmm_values(logits, mu, log_sigma, points, weights) -> None:
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    min_log_sigma = -700.0 if acc == torch.float64 else -80.0
+
+    def first_bad(name: str, t: torch.Tensor, bad: torch.Tensor, what: str) -> None:
+        if t.numel() and bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            where = f"row {', '.join(map(str, idx[:-1]))} (column {idx[-1]})" if len(idx) > 1 else f"column {idx[0]}"
+            raise ValueError(f"{name} must be {what}, got {t[idx].item()} at {where}")
+
+    for name, t in (("logits", logits), ("mu", mu), ("log_sigma", log_sigma), ("points", points)):
+        first_bad(name, t, ~torch.isfinite(t), "finite")
+    first_bad("log_sigma", log_sigma, log_sigma < min_log_sigma, f">= {min_log_sigma}")
+    if weights is not None:
+        w = weights.to(acc)
+        first_bad("weights", w, ~torch.isfinite(w) | (w < 0), "finite and non-negative")
+        totals = w.sum(-1) if w.dim() else w
+        if not bool(torch.isfinite(totals).all()):
+            raise ValueError("weights must have a finite sum per row (each row is normalised to sum 1)")
 
 
 # ---- KL-penalised advantages (DESIGN §3.4) ----------------------------------------------
