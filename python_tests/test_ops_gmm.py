@@ -443,3 +443,23 @@ def test_expanded_per_row_points_are_checked_like_contiguous_ones():
     out = prefcore.ops.gmm_nll(logits, mu, log_sigma, good, reduction="none")
     torch.testing.assert_close(out, prefcore.ops.gmm_nll(logits, mu, log_sigma, good.contiguous(), reduction="none"))
     torch.testing.assert_close(out, ref.gmm_nll(logits, mu, log_sigma, good, reduction="none"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalized_one_point_grid_gives_exactly_zero(dtype):
+    """Row 8: with G = 1, log q ≡ 0, so the loss is exactly 0 whatever the weight and log p."""
+    logits = torch.zeros(1, 1, dtype=dtype, requires_grad=True)
+    mu = torch.zeros(1, 1, dtype=dtype, requires_grad=True)
+    log_sigma = torch.full((1, 1), -2.3, dtype=dtype, requires_grad=True)
+    out = prefcore.ops.gmm_nll(logits, mu, log_sigma, torch.tensor([50.0]), torch.tensor([[0.05]]),
+                               normalize_grid=True, reduction="none")
+    assert out.item() == 0.0
+    out.sum().backward()
+    for t in (logits, mu, log_sigma):
+        assert t.grad.abs().max().item() == 0.0
+    # and a multi-point grid still matches the fp64 reference (per-point log q formulation)
+    l, m, s, x, w = _inputs((5, 3), (7,))
+    got = prefcore.ops.gmm_nll(l.float(), m.float(), s.float(), x.float() * 20, w.float(),
+                               normalize_grid=True, reduction="none")
+    want = ref.gmm_nll(l, m, s, x * 20, w, normalize_grid=True, reduction="none")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
