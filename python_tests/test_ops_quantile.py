@@ -395,3 +395,31 @@ def test_bad_inputs_raise_clear_errors():
         eu(q3, 1.0, gate.double())
     with pytest.raises(RuntimeError, match=r"kind must be 0 \(utility\) or 1"):
         torch.ops.prefcore.exp_utility(q3[:, 0], torch.ones(1), None, 7)
+
+
+# ---- issue 14 regressions --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kappa", [1e-40, 1e-45, 5e-324])
+def test_pinball_subnormal_kappa_is_the_pinball_limit_not_nan(dtype, kappa):
+    """Row 5: a κ whose reciprocal overflows the accumulation dtype is taken as κ = 0."""
+    taus = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    pred = torch.zeros(1, 3, dtype=dtype, requires_grad=True)
+    out = prefcore.ops.pinball_loss(pred, torch.zeros(1, 2, dtype=dtype), taus, kappa=kappa)
+    assert out.item() == 0.0
+    out.backward()
+    assert torch.isfinite(pred.grad).all()
+    # away from u = 0 it is the plain pinball loss (the κ → 0 limit), in value and gradient
+    p2 = torch.randn(4, 3, dtype=dtype, requires_grad=True)
+    t2 = torch.randn(4, 5, dtype=dtype)
+    got = prefcore.ops.pinball_loss(p2, t2, taus, kappa=kappa, reduction="none")
+    (g_got,) = torch.autograd.grad(got.sum(), p2)
+    want = prefcore.ops.pinball_loss(p2, t2, taus, kappa=0.0, reduction="none")
+    (g_want,) = torch.autograd.grad(want.sum(), p2)
+    if dtype != torch.float64 or kappa == 5e-324:  # 1/κ overflows the accumulation dtype: exactly κ = 0
+        assert torch.equal(got, want) and torch.equal(g_got, g_want)
+    else:  # float64 represents 1/κ: the genuine quantile-Huber loss, within κ/2 of the pinball loss
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=0)
+    r = ref.pinball_loss(p2.detach().double(), t2.double(), taus, kappa=kappa, reduction="none")
+    torch.testing.assert_close(got.double(), r, rtol=2e-2, atol=1e-2)

@@ -65,14 +65,14 @@ void launch_pinball(const PinballInputs& p, double kappa, const at::Tensor* grad
                     at::Tensor* loss, at::Tensor* dpred) {
   using acc_t = at::opmath_type<scalar_t>;
   if (p.R == 0) return;
-  const HuberScale<acc_t> h{static_cast<acc_t>(kappa), kappa > 0 ? acc_t(1) / static_cast<acc_t>(kappa) : acc_t(0)};
+  const HuberScale<acc_t> h = make_huber_scale<acc_t>(kappa);  // κ with 1/κ overflowing → 0
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(blocks_for(p.R))), block(kWarp * kWarpsPerBlock);
   const bool* mask = p.mask.defined() ? p.mask.const_data_ptr<bool>() : nullptr;
   const acc_t* g = grad_rows ? grad_rows->const_data_ptr<acc_t>() : nullptr;
   acc_t* l = loss ? loss->mutable_data_ptr<acc_t>() : nullptr;
   scalar_t* d = dpred ? dpred->mutable_data_ptr<scalar_t>() : nullptr;
-  if (kappa > 0) {
+  if (h.kappa > acc_t(0)) {
     pinball_kernel<true><<<grid, block, 0, stream>>>(p.pred.const_data_ptr<scalar_t>(), p.target.const_data_ptr<acc_t>(), mask,
                                                      p.taus.const_data_ptr<acc_t>(), g, p.R, p.Q, p.N, h, l, d);
   } else {

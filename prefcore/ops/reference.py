@@ -23,12 +23,19 @@ def pinball_loss(
     kappa: float = 0.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Reference of :func:`prefcore.ops.pinball_loss`; builds the ``(*, N, Q)`` broadcast."""
+    """Reference of :func:`prefcore.ops.pinball_loss`; builds the ``(*, N, Q)`` broadcast.
+
+    Agrees with the fused op on the edge cases its docstring states: a ``kappa`` whose
+    reciprocal overflows the accumulation dtype is taken as 0, and masked-out targets are
+    never used (a NaN there does not reach the row)."""
     dtype = pred.dtype
+    kappa = _effective_kappa(kappa, dtype)
     t = target.to(dtype)
     if t.dim() == pred.dim() - 1:
         t = t.unsqueeze(-1)
         target_mask = target_mask.unsqueeze(-1) if target_mask is not None else None
+    if target_mask is not None:
+        t = torch.where(target_mask, t, torch.zeros_like(t))  # masked values are not read
     taus = torch.as_tensor(taus, dtype=dtype, device=pred.device)
     u = t.unsqueeze(-1) - pred.unsqueeze(-2)  # (*, N, Q)
     below = (u < 0).to(dtype)
@@ -51,6 +58,15 @@ def pinball_loss(
     if reduction == "sum":
         return row.sum()
     return row.sum() / (n_valid > 0).sum().clamp_min(1).to(dtype)
+
+
+def _effective_kappa(kappa: float, dtype: torch.dtype) -> float:
+    """``kappa`` as the fused op uses it: 0 where 1/κ overflows the accumulation dtype."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    k = float(torch.tensor(kappa, dtype=acc))
+    if k <= 0.0 or 1.0 / k > torch.finfo(acc).max:
+        return 0.0
+    return kappa
 
 
 def exp_utility(
