@@ -423,3 +423,25 @@ def test_pinball_subnormal_kappa_is_the_pinball_limit_not_nan(dtype, kappa):
         torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=0)
     r = ref.pinball_loss(p2.detach().double(), t2.double(), taus, kappa=kappa, reduction="none")
     torch.testing.assert_close(got.double(), r, rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_pinball_row_mean_near_float32_max_does_not_overflow(masked):
+    """Row 11: the terms are scaled before they are summed, so a finite mean stays finite."""
+    taus = torch.tensor([0.25, 0.5, 0.75])
+    pred = torch.full((1, 3), 1e38)
+    target = torch.tensor([[-1e38, 0.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool) if masked else None
+    out = prefcore.ops.pinball_loss(pred, target, taus, mask)
+    want = ref.pinball_loss(pred.double(), target.double(), taus.double(), mask)  # closed form: 7.5e37
+    assert math.isclose(want.item(), 7.5e37, rel_tol=1e-7)  # (1e38 is not exact in float32)
+    assert math.isclose(out.item(), 7.5e37, rel_tol=1e-6)
+    assert math.isclose(ref.pinball_loss(pred, target, taus, mask).item(), 7.5e37, rel_tol=1e-6)
+    # a per-quantile sum over targets that overflows on its own (N = 4 terms near 3e38)
+    pred4 = torch.full((2, 2), 3e38)
+    target4 = torch.full((2, 4), -0.1e38)
+    out4 = prefcore.ops.pinball_loss(pred4, target4, torch.tensor([0.05, 0.1]), reduction="none")
+    want4 = ref.pinball_loss(pred4.double(), target4.double(), torch.tensor([0.05, 0.1], dtype=torch.float64),
+                             reduction="none")
+    assert torch.isfinite(out4).all()
+    torch.testing.assert_close(out4.double(), want4, rtol=1e-6, atol=0)

@@ -53,11 +53,22 @@ __global__ void pinball_kernel(const scalar_t* __restrict__ pred, const acc_t* _
       l += pinball_rho<kHuber, acc_t, acc_t>(u, tau, h);
       g += pinball_dpred<kHuber, acc_t, acc_t>(u, tau, h);
     }
-    lsum += l;
+    // Scaled per quantile before the sum over quantiles (as on the CPU), and redone with every
+    // term pre-scaled where the plain sum over targets overflowed: a finite mean stays finite.
+    if (loss != nullptr && !isfinite(l)) {
+      l = acc_t(0);
+      for (int64_t n = 0; n < N; ++n) {
+        if (mr != nullptr && !mr[n]) continue;
+        l += pinball_rho<kHuber, acc_t, acc_t>(tr[n] - p, tau, h) * scale;
+      }
+      lsum += l;
+    } else {
+      lsum += l * scale;
+    }
     if (dpred != nullptr) dpred[row * Q + q] = static_cast<scalar_t>(g * gs);
   }
   lsum = warp_sum(lsum);
-  if (loss != nullptr && lane == 0) loss[row] = lsum * scale;
+  if (loss != nullptr && lane == 0) loss[row] = lsum;
 }
 
 template <typename scalar_t>

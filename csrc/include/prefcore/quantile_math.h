@@ -61,6 +61,15 @@ PREFCORE_HD T pinball_dpred(T u, T tau, HuberScale<E> h) {
   }
 }
 
+// Σ_n ρ(t_n − pred)·scale with each term scaled before it is added: the overflow-safe
+// recomputation of one quantile's loss sum, used where the plain sum overflowed.
+template <bool kHuber, typename E>
+PREFCORE_HD E pinball_scaled_sum(const E* t, long long n_targets, E pred, E tau, HuberScale<E> h, E scale) {
+  E s = E(0);
+  for (long long n = 0; n < n_targets; ++n) s += pinball_rho<kHuber, E, E>(t[n] - pred, tau, h) * scale;
+  return s;
+}
+
 // --- exponential utility / certainty equivalent (QRM eq. 4) -----------------------------
 // expm1 for |z| ≤ 0.5 by a degree-10 Horner polynomial (relative error < 1e-10): branch-free
 // so the CPU loop vectorises, accurate where exp(z) − 1 would cancel.
