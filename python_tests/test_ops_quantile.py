@@ -445,3 +445,19 @@ def test_pinball_row_mean_near_float32_max_does_not_overflow(masked):
                              reduction="none")
     assert torch.isfinite(out4).all()
     torch.testing.assert_close(out4.double(), want4, rtol=1e-6, atol=0)
+
+
+def test_pinball_raw_op_outputs_are_not_modified_by_backward():
+    """Row 10: backward never scales a dpred tensor the caller holds in place."""
+    taus = torch.tensor([0.2, 0.5, 0.8])
+    p = torch.randn(4, 3, requires_grad=True)
+    t = torch.randn(4, 2)
+    loss, d = torch.ops.prefcore.pinball_loss(p, t, taus, None, 0.0, True)
+    before = d.clone()
+    (loss * 3).sum().backward()
+    assert torch.equal(d, before)
+    torch.testing.assert_close(p.grad, 3 * before)
+    # the wrapper's private buffer gives the same gradient
+    p2 = p.detach().clone().requires_grad_()
+    (prefcore.ops.pinball_loss(p2, t, taus, reduction="sum") * 3).backward()
+    torch.testing.assert_close(p2.grad, p.grad)

@@ -87,6 +87,11 @@ def pinball_loss(
     mask2 = target_mask.reshape(rows, n_cols) if target_mask is not None else None
     need_grad = torch.is_grad_enabled() and pred.requires_grad
     row_loss, _ = torch.ops.prefcore.pinball_loss(pred2, target2, taus.to(acc), mask2, kappa, need_grad)
+    if need_grad and not torch.compiler.is_compiling() and row_loss.grad_fn is not None:
+        # The fused forward's d row_loss / d pred output is dropped here, so only the autograd
+        # node holds it and its backward may scale it in place (no second (R, Q) buffer). A
+        # direct caller of torch.ops.prefcore.pinball_loss keeps that output and never sets this.
+        row_loss.grad_fn._prefcore_dpred_private = True
     return _reduce_rows(row_loss, mask2, reduction, lead, pred.dtype)
 
 
@@ -183,10 +188,12 @@ def _pinball_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(dpred)
     ctx.set_materialize_grads(False)  # never build a zero (R, Q) gradient for the dpred output
     ctx.kappa = kappa
-    # The fused forward already produced d row_loss / d pred. It is private to this node and has
-    # no grad_fn, so it is kept on ctx (no reference cycle) and scaled in place by the first
-    # backward: no second (R, Q) allocation. A repeated backward (retain_graph=True) recomputes.
+    # The fused forward already produced d row_loss / d pred; it has no grad_fn, so it is kept
+    # on ctx (no reference cycle) and reused by the first backward. It is scaled in place only
+    # when the pinball_loss wrapper marked it private (it dropped the output); a tensor the
+    # caller still holds is never modified. A repeated backward (retain_graph=True) recomputes.
     ctx.dpred = dpred if need_grad else None
+    ctx._prefcore_dpred_private = False
     ctx.save_for_backward(pred, target, taus, target_mask)
 
 
@@ -195,7 +202,8 @@ def _pinball_backward(ctx, grad_loss, _grad_dpred):
         return None, None, None, None, None, None
     if ctx.dpred is not None:
         dpred, ctx.dpred = ctx.dpred, None
-        if is_fake(dpred):  # traced (torch.compile / AOT): functional graphs cannot mutate a forward output
+        if is_fake(dpred) or not ctx._prefcore_dpred_private:
+            # Traced (functional graphs cannot mutate a forward output), or the caller holds dpred.
             grad_pred = (grad_loss.unsqueeze(-1) * dpred).to(dpred.dtype)
         else:
             grad_pred = dpred.mul_(grad_loss.unsqueeze(-1))
