@@ -461,3 +461,31 @@ def test_pinball_raw_op_outputs_are_not_modified_by_backward():
     p2 = p.detach().clone().requires_grad_()
     (prefcore.ops.pinball_loss(p2, t, taus, reduction="sum") * 3).backward()
     torch.testing.assert_close(p2.grad, p.grad)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_pinball_double_backward_gives_the_true_hessian(masked):
+    """Row 6: the Hessian is the true one — diagonal, Σ_n w·1[|u| ≤ κ]/(κ N_valid Q) — not zeros."""
+    g = torch.Generator().manual_seed(3)
+    taus = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    p = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True, True], [False, False, True, False]]) if masked else None
+    kappa = 10.0
+    h = torch.autograd.functional.hessian(lambda x: prefcore.ops.pinball_loss(x, t, taus, mask, kappa=kappa), p)
+    u = t.unsqueeze(-1) - p.unsqueeze(-2)
+    w = torch.where(u < 0, 1 - taus, taus) * (u.abs() <= kappa)
+    valid = torch.ones_like(t) if mask is None else mask.double()
+    diag = (w * valid.unsqueeze(-1)).sum(1) / (kappa * valid.sum(1, keepdim=True) * 3) / 2  # mean over 2 rows
+    want = torch.diag_embed(diag.reshape(-1)).reshape(2, 3, 2, 3)
+    assert diag.min() > 0
+    torch.testing.assert_close(h, want, rtol=1e-10, atol=1e-12)
+    pr = p.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: prefcore.ops.pinball_loss(x, t, taus, mask, kappa=0.7), (pr,))
+    # κ = 0 is piecewise linear: its true Hessian is 0 (away from the kinks), and stays so
+    h0 = torch.autograd.functional.hessian(lambda x: prefcore.ops.pinball_loss(x, t, taus, mask), p)
+    assert torch.equal(h0, torch.zeros_like(h0))
+    # first-order values under create_graph=True equal the fused ones
+    (g1,) = torch.autograd.grad(prefcore.ops.pinball_loss(pr, t, taus, mask, kappa=0.7), pr, create_graph=True)
+    (g2,) = torch.autograd.grad(prefcore.ops.pinball_loss(pr, t, taus, mask, kappa=0.7), pr)
+    torch.testing.assert_close(g1, g2)
