@@ -489,3 +489,28 @@ def test_pinball_double_backward_gives_the_true_hessian(masked):
     (g1,) = torch.autograd.grad(prefcore.ops.pinball_loss(pr, t, taus, mask, kappa=0.7), pr, create_graph=True)
     (g2,) = torch.autograd.grad(prefcore.ops.pinball_loss(pr, t, taus, mask, kappa=0.7), pr)
     torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("kappa", [0.0, 0.5])
+def test_pinball_non_finite_values_propagate_to_exactly_their_rows(kappa):
+    """The stated contract: non-finite pred/target values reach only their own rows; a masked-out
+    target is never read; the reference twin agrees."""
+    taus = torch.tensor([0.2, 0.5, 0.8])
+    pred = torch.randn(5, 3)
+    target = torch.randn(5, 4)
+    mask = torch.ones(5, 4, dtype=torch.bool)
+    pred[1, 2] = float("nan")
+    target[3, 0] = float("inf")
+    target[4, 1] = float("nan")
+    mask[4, 1] = False  # masked: must not matter
+    for fn in (prefcore.ops.pinball_loss, ref.pinball_loss):
+        out = fn(pred, target, taus, mask, kappa=kappa, reduction="none")
+        assert torch.isnan(out[1]) and out[3] == float("inf")
+        finite_rows = [0, 2, 4]
+        assert torch.isfinite(out[finite_rows]).all()
+        clean = fn(pred[finite_rows], target[finite_rows], taus, mask[finite_rows], kappa=kappa, reduction="none")
+        torch.testing.assert_close(out[finite_rows], clean)
+    with pytest.raises((ValueError, RuntimeError), match="kappa"):
+        prefcore.ops.pinball_loss(pred, target, taus, kappa=float("nan"))
+    with pytest.raises((ValueError, RuntimeError), match="taus"):
+        prefcore.ops.pinball_loss(pred, target, torch.tensor([0.2, float("nan"), 0.8]))

@@ -51,7 +51,7 @@ def pinball_loss(
     else:
         valid = target_mask.to(dtype)
     n_valid = valid.sum(-1)
-    row = (per_target * valid).sum(-1) / n_valid.clamp_min(1)
+    row = torch.where(valid > 0, per_target, torch.zeros_like(per_target)).sum(-1) / n_valid.clamp_min(1)
     row = torch.where(n_valid > 0, row, torch.zeros_like(row))
     if reduction == "none":
         return row
