@@ -314,6 +314,14 @@ def test_every_cpu_isa_clone_matches_reference():
         "    assert abs(a.item() - b.item()) < 1e-5, (dt, a, b)\n"
         "    for ga, gb in zip(torch.autograd.grad(a, p), torch.autograd.grad(b, q)):\n"
         "      assert (ga.double() - gb).abs().max() < 1e-5\n"
+        "# issue 14 rows 2 and 8 in this clone: expanded per-row points are checked; a one-point grid is 0\n"
+        "try:\n"
+        "  prefcore.ops.gmm_nll(l[:3], m[:3], s[:3], torch.tensor([[0.0] * 9 + [float('nan')]]).expand(3, 10))\n"
+        "  raise AssertionError('NaN points accepted')\n"
+        "except RuntimeError as e:\n"
+        "  assert 'points must be finite' in str(e), e\n"
+        "one = prefcore.ops.gmm_nll(l[:1], m[:1], s[:1] - 2, torch.tensor([50.0]), torch.tensor([[0.05]]), normalize_grid=True)\n"
+        "assert one.item() == 0.0, one\n"
         "print(prefcore._C.cpu_isa())\n"
     )
     assert "default" in run_in_every_cpu_isa(script)
