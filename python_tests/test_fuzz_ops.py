@@ -426,6 +426,10 @@ def test_fuzz_masked_whiten(seed, shape, dtype, unbiased, shift_mean, spread):
     want = ref.masked_whiten(x.double(), mask, unbiased=unbiased, shift_mean=shift_mean)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert (out[~mask] == 0).all()
-    mean_mag = x.double()[mask].abs().max() / max(spread, 1e-30) + 1
+    # WIDEN-AFTER-MERGE: rows 1/3/4/7/9 — row 9 rounds μ to float32 before subtracting, an error of
+    # ~ε32·|x| amplified by 1/σ of the valid elements; tighten to spread-relative once fixed.
+    xv = x.double()[mask]
+    sigma = math.sqrt(float(xv.var(unbiased=False)) + 1e-8)
+    mean_mag = float(xv.abs().max()) / sigma + 1
     assert_within(out, want, 1e-5 * mean_mag * (1 + want.abs()) + (2 * OUT_EPS[dtype] * want.abs() + OUT_ABS[dtype]) + OUT_EPS[dtype] * mean_mag,
                   "masked_whiten")
