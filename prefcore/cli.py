@@ -4,11 +4,88 @@
 trains a reward model (see :mod:`prefcore.train.rm.trainer`); every flag of
 :class:`prefcore.train.rm.trainer.TrainRMConfig` is accepted, or a single ``.json``/``.yaml``
 file holding them. ``prefcore bench`` runs the benchmark harness of a source checkout.
+
+User errors. Every command runs through :func:`run_command`: an exception of a type in
+:data:`USER_ERRORS` — :class:`UserError`, ``ValueError`` (which includes prefcore's
+``DataValidationError``), ``FileNotFoundError``, ``FileExistsError``, ``IsADirectoryError``,
+``NotADirectoryError``, ``PermissionError`` — is a mistake in what the user gave (a flag, a
+config or data file, a model directory). It is printed as ONE line,
+``prefcore COMMAND: error: MESSAGE`` on stderr, the exit code is 2, there is no traceback, and
+every output path the command claimed with :func:`claim_output` that did not exist before it
+started is removed (no half-written run directory). The message must name the file / flag /
+line and the problem (raise ``ValueError("steps must be >= 1, got 0")``, not ``ValueError(0)``).
+Any other exception is a bug and keeps its traceback. Flag parsing errors (argparse) become
+user errors too, so they are one line as well.
 """
 from __future__ import annotations
 
+import contextvars
+import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake in the user's input, reported by the CLI as one line with exit code 2.
+
+    Raise it (or ``ValueError`` / ``FileNotFoundError``, which the CLI treats the same) with a
+    message naming the file, flag or line and what is wrong with it."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError, ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+    PermissionError)
+
+EXIT_USER_ERROR = 2
+
+_CLAIMED: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("prefcore_cli_claimed", default=None)
+
+
+def claim_output(path: str | os.PathLike[str] | None) -> None:
+    """Declare ``path`` an output of the running command. If it does not exist yet and the
+    command then fails with a user error, :func:`run_command` removes it (file or directory
+    tree). A path that already exists is never removed. Outside :func:`run_command`: no-op."""
+    claims = _CLAIMED.get()
+    if claims is None or path is None:
+        return
+    p = Path(path)
+    if not os.path.lexists(p):
+        claims.append(p)
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (line breaks and runs of spaces collapsed)."""
+    text = str(exc)
+    if isinstance(exc, KeyError) and exc.args:  # KeyError's str() is the repr of its key
+        text = str(exc.args[0])
+    parts = [" ".join(line.split()) for line in text.splitlines()]
+    return "; ".join(p for p in parts if p) or type(exc).__name__
+
+
+def run_command(command: str, body: Callable[[], int | None], *, stderr=None) -> int:
+    """Run one CLI command's ``body()`` and return its exit code (``None`` → 0).
+
+    A user error (:data:`USER_ERRORS`) prints ``prefcore COMMAND: error: MESSAGE`` as one line
+    on ``stderr`` (default ``sys.stderr``), removes the outputs claimed with
+    :func:`claim_output` that the command created, and returns 2. Other exceptions propagate."""
+    claims: list[Path] = []
+    token = _CLAIMED.set(claims)
+    try:
+        code = body()
+    except USER_ERRORS as exc:
+        for p in reversed(claims):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.lexists(p):
+                p.unlink()
+        print(f"prefcore {command}: error: {one_line(exc)}", file=stderr or sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        _CLAIMED.reset(token)
+    return 0 if code is None else int(code)
+
 
 COMMANDS = {
     "train-rm": "train a reward model (bt, bt-margin, qrm, gmm, mean-var)",
@@ -35,8 +112,19 @@ def config_file_flags(path: str, fields: set[str]) -> list[str]:
 
     import yaml
 
-    with open(path) as f:
-        data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"config file {path!r}, line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or one_line(exc)
+        raise UserError(f"config file {path!r}{where}: invalid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path!r} must hold a mapping of option names to values, got {type(data).__name__}")
     unknown = sorted(set(data) - fields)
@@ -63,11 +151,42 @@ def parse_train_rm(argv: Sequence[str]):
 
     parser = HfArgumentParser(TrainRMConfig, prog="prefcore train-rm",
                               description="Train a distributional (or point) reward model.")
+    user_errors_from_argparse(parser)
     argv = list(argv)
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
         argv = config_file_flags(argv[0], {f.name for f in dataclasses.fields(TrainRMConfig)}) + argv[1:]
     (cfg,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return cfg
+
+
+def user_errors_from_argparse(parser) -> None:
+    """Make ``parser`` raise :class:`UserError` (one line via :func:`run_command`) instead of
+    printing its usage block and exiting; ``--help`` still prints the help and exits 0."""
+    prog = parser.prog
+
+    def error(message: str):
+        raise UserError(f"{message} (see `{prog} --help`)")
+
+    parser.error = error
+
+
+def _train_rm(argv: Sequence[str]) -> None:
+    from prefcore.train.rm.trainer import train_reward_model
+
+    cfg = parse_train_rm(argv)
+    if not cfg.resume:
+        claim_output(cfg.out)  # a run directory this command creates is removed again on a user error
+    train_reward_model(cfg)
+
+
+def _train_policy(argv: Sequence[str]) -> None:
+    from prefcore.train.policy.cli import parse_train_policy, print_summary
+    from prefcore.train.policy.trainer import train_policy
+
+    cfg = parse_train_policy(argv)
+    if not cfg.resume:
+        claim_output(cfg.run_dir)
+    print_summary(train_policy(cfg))
 
 
 def parse_demo(argv: Sequence[str]):
@@ -78,20 +197,15 @@ def parse_demo(argv: Sequence[str]):
 
     parser = HfArgumentParser(DemoConfig, prog="prefcore demo",
                               description="Run the whole pipeline on the embedded text world and write a report.")
+    user_errors_from_argparse(parser)
     (cfg,) = parser.parse_args_into_dataclasses(args=list(argv), look_for_args_file=False)
     return cfg
 
 
-def run_demo_command(argv: Sequence[str]) -> int:
+def _demo(argv: Sequence[str]) -> None:
     from prefcore.demo import run_demo
 
-    try:
-        cfg = parse_demo(argv)
-    except ValueError as exc:
-        print(f"prefcore demo: error: {exc}", file=sys.stderr)
-        return 2
-    run_demo(cfg)
-    return 0
+    run_demo(parse_demo(argv))  # resumable: an existing OUT is reused, never removed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,20 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train-rm":
-        from prefcore.train.rm.trainer import train_reward_model
-
-        try:
-            train_reward_model(parse_train_rm(rest))
-        except (ValueError, FileNotFoundError) as exc:  # bad configuration or data: say what, no traceback
-            print(f"prefcore train-rm: error: {exc}", file=sys.stderr)
-            return 2
-        return 0
+        return run_command(command, lambda: _train_rm(rest))
     if command == "train-policy":
-        from prefcore.train.policy.cli import run_train_policy
-
-        return run_train_policy(rest)
+        return run_command(command, lambda: _train_policy(rest))
     if command == "demo":
-        return run_demo_command(rest)
+        return run_command(command, lambda: _demo(rest))
     if command == "bench":
         try:
             from bench.harness import main as bench_main

@@ -314,6 +314,14 @@ def test_every_cpu_isa_clone_matches_reference():
         "    assert abs(a.item() - b.item()) < 1e-5, (dt, a, b)\n"
         "    for ga, gb in zip(torch.autograd.grad(a, p), torch.autograd.grad(b, q)):\n"
         "      assert (ga.double() - gb).abs().max() < 1e-5\n"
+        "# issue 14 rows 2 and 8 in this clone: expanded per-row points are checked; a one-point grid is 0\n"
+        "try:\n"
+        "  prefcore.ops.gmm_nll(l[:3], m[:3], s[:3], torch.tensor([[0.0] * 9 + [float('nan')]]).expand(3, 10))\n"
+        "  raise AssertionError('NaN points accepted')\n"
+        "except RuntimeError as e:\n"
+        "  assert 'points must be finite' in str(e), e\n"
+        "one = prefcore.ops.gmm_nll(l[:1], m[:1], s[:1] - 2, torch.tensor([50.0]), torch.tensor([[0.05]]), normalize_grid=True)\n"
+        "assert one.item() == 0.0, one\n"
         "print(prefcore._C.cpu_isa())\n"
     )
     assert "default" in run_in_every_cpu_isa(script)
@@ -424,3 +432,71 @@ def test_bad_inputs_raise_clear_errors():
         torch.ops.prefcore._gmm_nll_backward(torch.ones(3), logits, mu, log_sigma, grid, None, False)
     with pytest.raises(RuntimeError, match=r"grad_rows must have dtype Float"):
         torch.ops.prefcore._gmm_nll_backward(torch.ones(4, dtype=torch.float64), logits, mu, log_sigma, grid, None, False)
+
+
+# ---- issue 14 regressions --------------------------------------------------------------------
+
+def test_expanded_per_row_points_are_checked_like_contiguous_ones():
+    """Row 2: stride-0 per-row points (one row expanded) get the finiteness check, not +inf."""
+    logits, mu, log_sigma = torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2)
+    pts = torch.tensor([[0.0, float("nan")]]).expand(3, 2)
+    with pytest.raises(RuntimeError, match=r"points must be finite, got nan at row 0 \(point 1\)"):
+        prefcore.ops.gmm_nll(logits, mu, log_sigma, pts)
+    with pytest.raises(RuntimeError, match=r"points must be finite, got nan at row 0 \(point 1\)"):
+        prefcore.ops.gmm_nll(logits, mu, log_sigma, pts.contiguous())
+    with pytest.raises(ValueError, match=r"points must be finite, got nan"):
+        ref.gmm_nll(logits, mu, log_sigma, pts)
+    # a finite expanded row agrees with its contiguous copy (and the reference)
+    good = torch.tensor([[0.3, -1.2]]).expand(3, 2)
+    out = prefcore.ops.gmm_nll(logits, mu, log_sigma, good, reduction="none")
+    torch.testing.assert_close(out, prefcore.ops.gmm_nll(logits, mu, log_sigma, good.contiguous(), reduction="none"))
+    torch.testing.assert_close(out, ref.gmm_nll(logits, mu, log_sigma, good, reduction="none"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalized_one_point_grid_gives_exactly_zero(dtype):
+    """Row 8: with G = 1, log q ≡ 0, so the loss is exactly 0 whatever the weight and log p."""
+    logits = torch.zeros(1, 1, dtype=dtype, requires_grad=True)
+    mu = torch.zeros(1, 1, dtype=dtype, requires_grad=True)
+    log_sigma = torch.full((1, 1), -2.3, dtype=dtype, requires_grad=True)
+    out = prefcore.ops.gmm_nll(logits, mu, log_sigma, torch.tensor([50.0]), torch.tensor([[0.05]]),
+                               normalize_grid=True, reduction="none")
+    assert out.item() == 0.0
+    out.sum().backward()
+    for t in (logits, mu, log_sigma):
+        assert t.grad.abs().max().item() == 0.0
+    # and a multi-point grid still matches the fp64 reference (per-point log q formulation)
+    l, m, s, x, w = _inputs((5, 3), (7,))
+    got = prefcore.ops.gmm_nll(l.float(), m.float(), s.float(), x.float() * 20, w.float(),
+                               normalize_grid=True, reduction="none")
+    want = ref.gmm_nll(l, m, s, x * 20, w, normalize_grid=True, reduction="none")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["grid", "grid+normalize", "points"])
+def test_double_backward_gives_the_true_hessian(mode):
+    """Row 6: Hessians through gmm_nll are the true ones (fp64 gradgradcheck, and the reference's
+    Hessian), not silent zeros."""
+    per_row = mode == "points"
+    l, m, s, x, w = _inputs((3, 2), (3, 4) if per_row else (5,))
+    normalize = mode == "grid+normalize"
+    params = [t.clone().requires_grad_() for t in (l, m, s)]
+    fn = lambda a, b, c: prefcore.ops.gmm_nll(a, b, c, x, w, normalize_grid=normalize)
+    assert torch.autograd.gradgradcheck(fn, params)
+    flat = lambda v: fn(*v.reshape(3, 3, 2).unbind(0))
+    flat_ref = lambda v: ref.gmm_nll(*v.reshape(3, 3, 2).unbind(0), x, w, normalize_grid=normalize)
+    v0 = torch.stack([l, m, s]).reshape(-1)
+    h = torch.autograd.functional.hessian(flat, v0)
+    h_ref = torch.autograd.functional.hessian(flat_ref, v0)
+    assert h.abs().max() > 1e-3
+    torch.testing.assert_close(h, h_ref, rtol=1e-8, atol=1e-10)
+    # only some parameters requiring grad
+    mu_only = m.clone().requires_grad_()
+    (g,) = torch.autograd.grad(prefcore.ops.gmm_nll(l, mu_only, s, x, w, normalize_grid=normalize), mu_only,
+                               create_graph=True)
+    (g_ref,) = torch.autograd.grad(ref.gmm_nll(l, mu_only, s, x, w, normalize_grid=normalize), mu_only,
+                                   create_graph=True)
+    torch.testing.assert_close(g, g_ref)
+    (hh,) = torch.autograd.grad(g.sum(), mu_only)
+    (hh_ref,) = torch.autograd.grad(g_ref.sum(), mu_only)
+    torch.testing.assert_close(hh, hh_ref)

@@ -314,6 +314,13 @@ def test_every_cpu_isa_clone_matches_reference():
         "  assert abs(a.item() - b.item()) < 1e-5, (k, dt, a, b)\n"
         "  ga, = torch.autograd.grad(a, pd); gb, = torch.autograd.grad(b, p)\n"
         "  assert (ga.double() - gb).abs().max() < 1e-6, (k, dt)\n"
+        "# issue 14 rows 5 and 11 in this clone: subnormal kappa is the pinball limit; no overflow on the way\n"
+        "z = torch.zeros(3, 17, requires_grad=True)\n"
+        "a = prefcore.ops.pinball_loss(z, torch.zeros(3, 2), torch.rand(17) * 0.9 + 0.05, kappa=1e-40); a.backward()\n"
+        "assert a.item() == 0.0 and torch.isfinite(z.grad).all()\n"
+        "big = prefcore.ops.pinball_loss(torch.full((2, 19), 1e38), torch.tensor([[-1e38, 0.0]] * 2), taus)\n"
+        "want = ref.pinball_loss(torch.full((2, 19), 1e38).double(), torch.tensor([[-1e38, 0.0]] * 2).double(), taus.double())\n"
+        "assert abs(big.item() / want.item() - 1) < 1e-5, (big, want)\n"
         "q = torch.randn(33, 5, 19, requires_grad=True); g = torch.softmax(torch.randn(33, 5), -1)\n"
         "for kind, dt in [(kd, d) for kd in ('ce', 'utility') for d in (torch.float32, torch.float64)]:\n"
         "  qd = q.detach().to(dt).requires_grad_()\n"
@@ -472,3 +479,121 @@ def test_exp_utility_double_backward_raises():
     (g2,) = torch.autograd.grad(ref.exp_utility(x, 0.7, gate).sum(), x)
     torch.testing.assert_close(g1, g2)
     torch.testing.assert_close(g.detach(), g2)
+
+# ---- issue 14 regressions --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kappa", [1e-40, 1e-45, 5e-324])
+def test_pinball_subnormal_kappa_is_the_pinball_limit_not_nan(dtype, kappa):
+    """Row 5: a κ whose reciprocal overflows the accumulation dtype is taken as κ = 0."""
+    taus = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    pred = torch.zeros(1, 3, dtype=dtype, requires_grad=True)
+    out = prefcore.ops.pinball_loss(pred, torch.zeros(1, 2, dtype=dtype), taus, kappa=kappa)
+    assert out.item() == 0.0
+    out.backward()
+    assert torch.isfinite(pred.grad).all()
+    # away from u = 0 it is the plain pinball loss (the κ → 0 limit), in value and gradient
+    p2 = torch.randn(4, 3, dtype=dtype, requires_grad=True)
+    t2 = torch.randn(4, 5, dtype=dtype)
+    got = prefcore.ops.pinball_loss(p2, t2, taus, kappa=kappa, reduction="none")
+    (g_got,) = torch.autograd.grad(got.sum(), p2)
+    want = prefcore.ops.pinball_loss(p2, t2, taus, kappa=0.0, reduction="none")
+    (g_want,) = torch.autograd.grad(want.sum(), p2)
+    if dtype != torch.float64 or kappa == 5e-324:  # 1/κ overflows the accumulation dtype: exactly κ = 0
+        assert torch.equal(got, want) and torch.equal(g_got, g_want)
+    else:  # float64 represents 1/κ: the genuine quantile-Huber loss, within κ/2 of the pinball loss
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=0)
+    r = ref.pinball_loss(p2.detach().double(), t2.double(), taus, kappa=kappa, reduction="none")
+    torch.testing.assert_close(got.double(), r, rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_pinball_row_mean_near_float32_max_does_not_overflow(masked):
+    """Row 11: the terms are scaled before they are summed, so a finite mean stays finite."""
+    taus = torch.tensor([0.25, 0.5, 0.75])
+    pred = torch.full((1, 3), 1e38)
+    target = torch.tensor([[-1e38, 0.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool) if masked else None
+    out = prefcore.ops.pinball_loss(pred, target, taus, mask)
+    want = ref.pinball_loss(pred.double(), target.double(), taus.double(), mask)  # closed form: 7.5e37
+    assert math.isclose(want.item(), 7.5e37, rel_tol=1e-7)  # (1e38 is not exact in float32)
+    assert math.isclose(out.item(), 7.5e37, rel_tol=1e-6)
+    assert math.isclose(ref.pinball_loss(pred, target, taus, mask).item(), 7.5e37, rel_tol=1e-6)
+    # a per-quantile sum over targets that overflows on its own (N = 4 terms near 3e38)
+    pred4 = torch.full((2, 2), 3e38)
+    target4 = torch.full((2, 4), -0.1e38)
+    out4 = prefcore.ops.pinball_loss(pred4, target4, torch.tensor([0.05, 0.1]), reduction="none")
+    want4 = ref.pinball_loss(pred4.double(), target4.double(), torch.tensor([0.05, 0.1], dtype=torch.float64),
+                             reduction="none")
+    assert torch.isfinite(out4).all()
+    torch.testing.assert_close(out4.double(), want4, rtol=1e-6, atol=0)
+
+
+def test_pinball_raw_op_outputs_are_not_modified_by_backward():
+    """Row 10: backward never scales a dpred tensor the caller holds in place."""
+    taus = torch.tensor([0.2, 0.5, 0.8])
+    p = torch.randn(4, 3, requires_grad=True)
+    t = torch.randn(4, 2)
+    loss, d = torch.ops.prefcore.pinball_loss(p, t, taus, None, 0.0, True)
+    before = d.clone()
+    (loss * 3).sum().backward()
+    assert torch.equal(d, before)
+    torch.testing.assert_close(p.grad, 3 * before)
+    # the wrapper's private buffer gives the same gradient
+    p2 = p.detach().clone().requires_grad_()
+    (prefcore.ops.pinball_loss(p2, t, taus, reduction="sum") * 3).backward()
+    torch.testing.assert_close(p2.grad, p.grad)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_pinball_double_backward_gives_the_true_hessian(masked):
+    """Row 6: the Hessian is the true one — diagonal, Σ_n w·1[|u| ≤ κ]/(κ N_valid Q) — not zeros."""
+    g = torch.Generator().manual_seed(3)
+    taus = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    p = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True, True], [False, False, True, False]]) if masked else None
+    kappa = 10.0
+    h = torch.autograd.functional.hessian(lambda x: prefcore.ops.pinball_loss(x, t, taus, mask, kappa=kappa), p)
+    u = t.unsqueeze(-1) - p.unsqueeze(-2)
+    w = torch.where(u < 0, 1 - taus, taus) * (u.abs() <= kappa)
+    valid = torch.ones_like(t) if mask is None else mask.double()
+    diag = (w * valid.unsqueeze(-1)).sum(1) / (kappa * valid.sum(1, keepdim=True) * 3) / 2  # mean over 2 rows
+    want = torch.diag_embed(diag.reshape(-1)).reshape(2, 3, 2, 3)
+    assert diag.min() > 0
+    torch.testing.assert_close(h, want, rtol=1e-10, atol=1e-12)
+    pr = p.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: prefcore.ops.pinball_loss(x, t, taus, mask, kappa=0.7), (pr,))
+    # κ = 0 is piecewise linear: its true Hessian is 0 (away from the kinks), and stays so
+    h0 = torch.autograd.functional.hessian(lambda x: prefcore.ops.pinball_loss(x, t, taus, mask), p)
+    assert torch.equal(h0, torch.zeros_like(h0))
+    # first-order values under create_graph=True equal the fused ones
+    (g1,) = torch.autograd.grad(prefcore.ops.pinball_loss(pr, t, taus, mask, kappa=0.7), pr, create_graph=True)
+    (g2,) = torch.autograd.grad(prefcore.ops.pinball_loss(pr, t, taus, mask, kappa=0.7), pr)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("kappa", [0.0, 0.5])
+def test_pinball_non_finite_values_propagate_to_exactly_their_rows(kappa):
+    """The stated contract: non-finite pred/target values reach only their own rows; a masked-out
+    target is never read; the reference twin agrees."""
+    taus = torch.tensor([0.2, 0.5, 0.8])
+    pred = torch.randn(5, 3)
+    target = torch.randn(5, 4)
+    mask = torch.ones(5, 4, dtype=torch.bool)
+    pred[1, 2] = float("nan")
+    target[3, 0] = float("inf")
+    target[4, 1] = float("nan")
+    mask[4, 1] = False  # masked: must not matter
+    for fn in (prefcore.ops.pinball_loss, ref.pinball_loss):
+        out = fn(pred, target, taus, mask, kappa=kappa, reduction="none")
+        assert torch.isnan(out[1]) and out[3] == float("inf")
+        finite_rows = [0, 2, 4]
+        assert torch.isfinite(out[finite_rows]).all()
+        clean = fn(pred[finite_rows], target[finite_rows], taus, mask[finite_rows], kappa=kappa, reduction="none")
+        torch.testing.assert_close(out[finite_rows], clean)
+    with pytest.raises((ValueError, RuntimeError), match="kappa"):
+        prefcore.ops.pinball_loss(pred, target, taus, kappa=float("nan"))
+    with pytest.raises((ValueError, RuntimeError), match="taus"):
+        prefcore.ops.pinball_loss(pred, target, torch.tensor([0.2, float("nan"), 0.8]))

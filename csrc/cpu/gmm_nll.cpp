@@ -60,7 +60,9 @@ int64_t grain_for(const GmmInputs& p) {
 // Runs the row kernel over all rows; raises the first value error if a row had one.
 template <bool kBackward, typename acc_t>
 void run_rows(const GmmInputs& p, GmmArgs<acc_t>& a, std::atomic<int64_t>& first_bad) {
-  if (!p.per_row) {  // the shared grid is checked once here, not per row
+  // Points read with row stride 0 — a shared grid, or per-row points expanded from one row — are
+  // read once into the row kernels' scratch and not checked per row, so they are checked here.
+  if (a.pts_row_stride == 0) {
     const acc_t* pts = a.points;
     for (int64_t i = 0; i < p.P; ++i) {
       if (!is_finite_value(pts[i * a.pts_col_stride])) check_gmm_values(p);

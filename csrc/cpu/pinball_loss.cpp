@@ -30,7 +30,7 @@ struct PinballArgs {
   const acc_t* taus;         // (Q,)
   const acc_t* grad_rows;    // (R,) upstream gradient (backward op) or nullptr (= 1)
   int64_t Q, N;
-  acc_t kappa;
+  HuberScale<acc_t> h;       // κ = 0 (h.kappa == 0) selects the plain pinball loss
   acc_t* loss;               // (R,) or nullptr
   scalar_t* dpred;           // (R, Q) or nullptr
 };
@@ -50,13 +50,13 @@ void launch(const PinballInputs& p, double kappa, const at::Tensor* grad_rows, a
       p.mask.defined() ? p.mask.const_data_ptr<bool>() : nullptr,
       p.taus.const_data_ptr<acc_t>(),
       grad_rows ? grad_rows->const_data_ptr<acc_t>() : nullptr,
-      p.Q, p.N, static_cast<acc_t>(kappa),
+      p.Q, p.N, make_huber_scale<acc_t>(kappa),
       loss ? loss->mutable_data_ptr<acc_t>() : nullptr,
       dpred ? dpred->mutable_data_ptr<scalar_t>() : nullptr};
   const Isa isa = active_isa();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.N * p.Q));
   at::parallel_for(0, p.R, grain, [&](int64_t r0, int64_t r1) {
-    const bool huber = kappa > 0.0;
+    const bool huber = a.h.kappa > acc_t(0);
     if (dpred != nullptr) {
       if (huber) pinball_rows_isa(isa, std::true_type{}, std::true_type{}, a, r0, r1);
       else pinball_rows_isa(isa, std::false_type{}, std::true_type{}, a, r0, r1);

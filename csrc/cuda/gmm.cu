@@ -119,16 +119,16 @@ __global__ void gmm_forward_kernel(GmmArgs<acc_t> a) {
     return;
   }
   prepare_row(a, b, comp, lane);
+  // normalize_grid: log q_g = log p(x_g) − lse is formed per point before weighting (as on the
+  // CPU), so a one-point grid gives exactly 0 rather than a cancelling −w̄·log p + lse.
+  const acc_t lse = a.normalize ? points_logsumexp(a, b, comp, lane) : acc_t(0);
   acc_t wl = acc_t(0);
   for (int64_t p = lane; p < a.P; p += kWarp) {
     const acc_t w = weight_at(a, b, p);
-    if (w > acc_t(0)) wl += w * point_logp(point_at(a, b, p), comp, a.K);  // zero weight adds 0
+    if (w > acc_t(0)) wl += w * (point_logp(point_at(a, b, p), comp, a.K) - lse);  // zero weight adds 0
   }
   acc_t loss = -warp_sum(wl) / total;
-  if (a.normalize) {
-    const acc_t lse = points_logsumexp(a, b, comp, lane);
-    loss = lse == -INFINITY ? acc_t(INFINITY) : loss + lse;
-  }
+  if (a.normalize && lse == -INFINITY) loss = acc_t(INFINITY);
   if (lane == 0) {
     a.loss[b] = loss;
     a.total[b] = total;

@@ -53,11 +53,22 @@ __global__ void pinball_kernel(const scalar_t* __restrict__ pred, const acc_t* _
       l += pinball_rho<kHuber, acc_t, acc_t>(u, tau, h);
       g += pinball_dpred<kHuber, acc_t, acc_t>(u, tau, h);
     }
-    lsum += l;
+    // Scaled per quantile before the sum over quantiles (as on the CPU), and redone with every
+    // term pre-scaled where the plain sum over targets overflowed: a finite mean stays finite.
+    if (loss != nullptr && !isfinite(l)) {
+      l = acc_t(0);
+      for (int64_t n = 0; n < N; ++n) {
+        if (mr != nullptr && !mr[n]) continue;
+        l += pinball_rho<kHuber, acc_t, acc_t>(tr[n] - p, tau, h) * scale;
+      }
+      lsum += l;
+    } else {
+      lsum += l * scale;
+    }
     if (dpred != nullptr) dpred[row * Q + q] = static_cast<scalar_t>(g * gs);
   }
   lsum = warp_sum(lsum);
-  if (loss != nullptr && lane == 0) loss[row] = lsum * scale;
+  if (loss != nullptr && lane == 0) loss[row] = lsum;
 }
 
 template <typename scalar_t>
@@ -65,14 +76,14 @@ void launch_pinball(const PinballInputs& p, double kappa, const at::Tensor* grad
                     at::Tensor* loss, at::Tensor* dpred) {
   using acc_t = at::opmath_type<scalar_t>;
   if (p.R == 0) return;
-  const HuberScale<acc_t> h{static_cast<acc_t>(kappa), kappa > 0 ? acc_t(1) / static_cast<acc_t>(kappa) : acc_t(0)};
+  const HuberScale<acc_t> h = make_huber_scale<acc_t>(kappa);  // κ with 1/κ overflowing → 0
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(blocks_for(p.R))), block(kWarp * kWarpsPerBlock);
   const bool* mask = p.mask.defined() ? p.mask.const_data_ptr<bool>() : nullptr;
   const acc_t* g = grad_rows ? grad_rows->const_data_ptr<acc_t>() : nullptr;
   acc_t* l = loss ? loss->mutable_data_ptr<acc_t>() : nullptr;
   scalar_t* d = dpred ? dpred->mutable_data_ptr<scalar_t>() : nullptr;
-  if (kappa > 0) {
+  if (h.kappa > acc_t(0)) {
     pinball_kernel<true><<<grid, block, 0, stream>>>(p.pred.const_data_ptr<scalar_t>(), p.target.const_data_ptr<acc_t>(), mask,
                                                      p.taus.const_data_ptr<acc_t>(), g, p.R, p.Q, p.N, h, l, d);
   } else {

@@ -11,6 +11,7 @@ source (for JSONL: the n-th non-blank line; a JSON syntax error reports the 1-ba
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -89,11 +90,13 @@ def _read_json(path: Path) -> list[Any]:
         return []
     import datasets  # lazy: importing datasets costs ~1 s and most of prefcore never needs it
 
-    with tempfile.TemporaryDirectory(prefix="prefcore-data-") as cache_dir:
+    with tempfile.TemporaryDirectory(prefix="prefcore-data-") as cache_dir, _datasets_warnings_off():
         try:
             ds = datasets.Dataset.from_json(str(path), cache_dir=cache_dir, keep_in_memory=True)
-        except datasets.exceptions.DatasetGenerationError as exc:
-            err = _json_syntax_error(path)
+        except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as exc:
+            # A line that is not JSON, or JSON that is not an object: name the file and line
+            # instead of the builder's "An error occurred while generating the dataset".
+            err = _json_row_error(path)
             if err is None:
                 raise
             raise err from exc
@@ -102,17 +105,44 @@ def _read_json(path: Path) -> list[Any]:
         return ds.to_list()
 
 
-def _json_syntax_error(path: Path) -> DataValidationError | None:
-    """Re-scan a JSONL file the builder could not read, to name the first line that is not JSON."""
-    with open(path, encoding="utf-8") as f:
+@contextlib.contextmanager
+def _datasets_warnings_off():
+    """datasets logs an error line ("Failed to load JSON from file …") before it raises on a bad
+    JSON line; the error we raise (file, line, problem) says it all, so its logging is off while a
+    file is read."""
+    import datasets.utils.logging as ds_logging
+
+    verbosity = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(verbosity)
+
+
+def _json_row_error(path: Path) -> DataValidationError | None:
+    """Re-scan a JSONL file the builder could not read, to name the first line that is not one JSON
+    object (invalid JSON — e.g. a line cut mid-object — or a JSON array, string or number)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+            text = line.rstrip("\r\n")
+            if not text.strip():
                 continue
             try:
-                json.loads(line)
+                value = json.loads(text)
             except json.JSONDecodeError as exc:
+                at = f"{exc.msg} column {exc.colno}" if exc.msg.endswith(" at") else f"{exc.msg} at column {exc.colno}"
+                if exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string"):
+                    got = f"invalid JSON: the line ends mid-object, cut short? ({at})"
+                else:
+                    got = f"invalid JSON ({at})"
+                return DataValidationError(f"{path}, line {lineno}", None, "<json>", "one JSON object per line", got)
+            if not isinstance(value, dict):
+                kind = {list: "a JSON array", str: "a JSON string", bool: "a JSON boolean"}.get(
+                    type(value), "JSON null" if value is None else "a JSON number")
+                shown = text.strip() if len(text.strip()) <= 60 else text.strip()[:57] + "..."
                 return DataValidationError(f"{path}, line {lineno}", None, "<json>", "one JSON object per line",
-                                           f"invalid JSON ({exc.msg} at column {exc.colno})")
+                                           f"{kind}: {shown}")
     return None
 
 

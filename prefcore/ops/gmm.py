@@ -54,9 +54,19 @@ def gmm_nll(
     float32 for every component, so log p(x) underflows to −∞ — a point with positive weight
     gives a loss of +∞ (gradients are then not finite); zero-weight points never contribute.
 
-    Bad values raise ``RuntimeError`` naming the argument, row and value: non-finite
-    parameters, points or weights, negative weights, a weight row sum that overflows, and
-    ``log_sigma`` below −80 (−700 for float64), where ``1/σ`` would overflow.
+    Non-finite inputs raise, never propagate: ``RuntimeError`` naming the argument, row and
+    value for non-finite parameters, points (shared, per-row, or per-row expanded from one row)
+    or weights, negative weights, a weight row sum that overflows, and ``log_sigma`` below −80
+    (−700 for float64), where ``1/σ`` would overflow. The reference twin raises ``ValueError``
+    for the same values.
+
+    ``normalize_grid=True`` forms ``log q_g = log p(x_g) − logsumexp`` per point before
+    weighting, so a one-point grid gives exactly 0.
+
+    Higher-order gradients: a backward run with ``create_graph=True`` (double backward,
+    ``torch.autograd.functional.hessian``) differentiates the pure-PyTorch reference instead of
+    the fused kernel, so second and higher derivatives are the true ones. That path
+    materialises ``(B, K, G)``; first-order gradients stay fused.
     """
     logits = require_floating(logits, "logits")
     mu = require_floating(mu, "mu")
@@ -149,6 +159,25 @@ def _gmm_backward(ctx, grad_loss, _grad_total):
     logits, mu, log_sigma, points, weights = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None, None, None
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, Hessians): differentiate the pure-PyTorch twin, so
+        # second and higher derivatives are the true ones. Materialises (B, K, G); the
+        # first-order path below stays fused.
+        params = (logits, mu, log_sigma)
+        wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+        grads: list[torch.Tensor | None] = [None, None, None]
+        if wanted:
+            from prefcore.ops import reference
+
+            acc = opmath_dtype(logits.dtype)
+            with torch.enable_grad():
+                rows = reference.gmm_nll(*(t.to(acc) for t in params), points, weights,
+                                         normalize_grid=ctx.normalize_grid, reduction="none")
+                got = torch.autograd.grad(rows, [params[i] for i in wanted], grad_outputs=grad_loss,
+                                          create_graph=True, allow_unused=True)
+            for i, g in zip(wanted, got):
+                grads[i] = g if g is not None else torch.zeros_like(params[i])
+        return grads[0], grads[1], grads[2], None, None, None
     d_logits, d_mu, d_log_sigma = torch.ops.prefcore._gmm_nll_backward(
         grad_loss.contiguous(), logits, mu, log_sigma, points, weights, ctx.normalize_grid)
     return d_logits, d_mu, d_log_sigma, None, None, None

@@ -47,6 +47,24 @@ def pinball_loss(
     gradient is computed in the same pass as the loss. ``target`` and ``taus`` are read in
     float32 (float64 for float64 ``pred``), so float32 scores keep full precision with a
     bfloat16 ``pred``.
+
+    ``kappa`` so small that ``1/κ`` overflows the accumulation dtype (below ~2.9e-39 in float32,
+    i.e. subnormal; ~5.6e-309 in float64) is taken as ``κ = 0``: the plain pinball loss, the
+    κ → 0 limit (the two differ by at most κ/2 per pair). Terms are scaled by
+    ``1/(N_valid·Q)`` before the sum over quantiles, so a row whose mean is representable never
+    overflows on the way (a per-quantile sum that overflows is redone term by term).
+
+    Non-finite values: ``taus`` and ``kappa`` must be finite (``ValueError`` / ``RuntimeError``
+    naming them). Non-finite ``pred`` or ``target`` values propagate by IEEE arithmetic to
+    exactly the rows that hold them (``±∞`` → ``+∞`` loss, ``∞ − ∞`` or NaN → NaN) and to no
+    other row (a ``"mean"``/``"sum"`` is then non-finite too); a masked-out target is never
+    read, so a NaN there changes nothing.
+
+    Higher-order gradients: a backward run with ``create_graph=True`` (double backward,
+    ``torch.autograd.functional.hessian``) differentiates the pure-PyTorch reference instead of
+    the fused kernel, so second and higher derivatives are the true ones (the Hessian is
+    diagonal, ``Σ_n w·1[|u| ≤ κ]/(κ·N_valid·Q)`` for κ > 0, and 0 for the piecewise-linear
+    κ = 0 loss). That path materialises ``(*, N, Q)``; first-order gradients stay fused.
     """
     pred = require_floating(pred, "pred")
     target = require_floating(target, "target")
@@ -87,6 +105,11 @@ def pinball_loss(
     mask2 = target_mask.reshape(rows, n_cols) if target_mask is not None else None
     need_grad = torch.is_grad_enabled() and pred.requires_grad
     row_loss, _ = torch.ops.prefcore.pinball_loss(pred2, target2, taus.to(acc), mask2, kappa, need_grad)
+    if need_grad and not torch.compiler.is_compiling() and row_loss.grad_fn is not None:
+        # The fused forward's d row_loss / d pred output is dropped here, so only the autograd
+        # node holds it and its backward may scale it in place (no second (R, Q) buffer). A
+        # direct caller of torch.ops.prefcore.pinball_loss keeps that output and never sets this.
+        row_loss.grad_fn._prefcore_dpred_private = True
     return _reduce_rows(row_loss, mask2, reduction, lead, pred.dtype)
 
 
@@ -203,19 +226,30 @@ def _pinball_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(dpred)
     ctx.set_materialize_grads(False)  # never build a zero (R, Q) gradient for the dpred output
     ctx.kappa = kappa
-    # The fused forward already produced d row_loss / d pred. It is private to this node and has
-    # no grad_fn, so it is kept on ctx (no reference cycle) and scaled in place by the first
-    # backward: no second (R, Q) allocation. A repeated backward (retain_graph=True) recomputes.
+    # The fused forward already produced d row_loss / d pred; it has no grad_fn, so it is kept
+    # on ctx (no reference cycle) and reused by the first backward. It is scaled in place only
+    # when the pinball_loss wrapper marked it private (it dropped the output); a tensor the
+    # caller still holds is never modified. A repeated backward (retain_graph=True) recomputes.
     ctx.dpred = dpred if need_grad else None
+    ctx._prefcore_dpred_private = False
     ctx.save_for_backward(pred, target, taus, target_mask)
 
 
 def _pinball_backward(ctx, grad_loss, _grad_dpred):
     if grad_loss is None:  # grads are not materialised: nothing flowed into the loss output
         return None, None, None, None, None, None
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, Hessians): differentiate the pure-PyTorch twin, so
+        # second and higher derivatives are the true ones. Materialises (R, N, Q); the
+        # first-order path below stays fused.
+        pred, target, taus, target_mask = ctx.saved_tensors
+        ctx.dpred = None
+        return (_pinball_grad_differentiable(grad_loss, pred, target, taus, target_mask, ctx.kappa),
+                None, None, None, None, None)
     if ctx.dpred is not None:
         dpred, ctx.dpred = ctx.dpred, None
-        if is_fake(dpred):  # traced (torch.compile / AOT): functional graphs cannot mutate a forward output
+        if is_fake(dpred) or not ctx._prefcore_dpred_private:
+            # Traced (functional graphs cannot mutate a forward output), or the caller holds dpred.
             grad_pred = (grad_loss.unsqueeze(-1) * dpred).to(dpred.dtype)
         else:
             grad_pred = dpred.mul_(grad_loss.unsqueeze(-1))
@@ -223,6 +257,25 @@ def _pinball_backward(ctx, grad_loss, _grad_dpred):
         pred, target, taus, target_mask = ctx.saved_tensors
         grad_pred = torch.ops.prefcore._pinball_loss_backward(grad_loss, pred, target, taus, target_mask, ctx.kappa)
     return grad_pred, None, None, None, None, None
+
+
+def _pinball_grad_differentiable(
+    grad_rows: torch.Tensor,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    taus: torch.Tensor,
+    target_mask: torch.Tensor | None,
+    kappa: float,
+) -> torch.Tensor:
+    """``grad_rows · ∂row_loss/∂pred`` as a differentiable graph (through the reference twin),
+    for backward passes run with ``create_graph=True``."""
+    from prefcore.ops import reference
+
+    with torch.enable_grad():
+        rows = reference.pinball_loss(pred.to(opmath_dtype(pred.dtype)), target, taus, target_mask,
+                                      kappa=kappa, reduction="none")
+        (grad_pred,) = torch.autograd.grad(rows, pred, grad_outputs=grad_rows, create_graph=True)
+    return grad_pred
 
 
 torch.library.register_autograd("prefcore::pinball_loss", _pinball_backward, setup_context=_pinball_setup_context)

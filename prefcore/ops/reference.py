@@ -23,12 +23,19 @@ def pinball_loss(
     kappa: float = 0.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Reference of :func:`prefcore.ops.pinball_loss`; builds the ``(*, N, Q)`` broadcast."""
+    """Reference of :func:`prefcore.ops.pinball_loss`; builds the ``(*, N, Q)`` broadcast.
+
+    Agrees with the fused op on the edge cases its docstring states: a ``kappa`` whose
+    reciprocal overflows the accumulation dtype is taken as 0, and masked-out targets are
+    never used (a NaN there does not reach the row)."""
     dtype = pred.dtype
+    kappa = _effective_kappa(kappa, dtype)
     t = target.to(dtype)
     if t.dim() == pred.dim() - 1:
         t = t.unsqueeze(-1)
         target_mask = target_mask.unsqueeze(-1) if target_mask is not None else None
+    if target_mask is not None:
+        t = torch.where(target_mask, t, torch.zeros_like(t))  # masked values are not read
     taus = torch.as_tensor(taus, dtype=dtype, device=pred.device)
     u = t.unsqueeze(-1) - pred.unsqueeze(-2)  # (*, N, Q)
     below = (u < 0).to(dtype)
@@ -44,13 +51,22 @@ def pinball_loss(
     else:
         valid = target_mask.to(dtype)
     n_valid = valid.sum(-1)
-    row = (per_target * valid).sum(-1) / n_valid.clamp_min(1)
+    row = torch.where(valid > 0, per_target, torch.zeros_like(per_target)).sum(-1) / n_valid.clamp_min(1)
     row = torch.where(n_valid > 0, row, torch.zeros_like(row))
     if reduction == "none":
         return row
     if reduction == "sum":
         return row.sum()
     return row.sum() / (n_valid > 0).sum().clamp_min(1).to(dtype)
+
+
+def _effective_kappa(kappa: float, dtype: torch.dtype) -> float:
+    """``kappa`` as the fused op uses it: 0 where 1/κ overflows the accumulation dtype."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    k = float(torch.tensor(kappa, dtype=acc))
+    if k <= 0.0 or 1.0 / k > torch.finfo(acc).max:
+        return 0.0
+    return kappa
 
 
 def exp_utility(
@@ -94,7 +110,13 @@ def gmm_nll(
     normalize_grid: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Reference of :func:`prefcore.ops.gmm_nll`; builds the ``(*, K, G|N)`` broadcast."""
+    """Reference of :func:`prefcore.ops.gmm_nll`; builds the ``(*, K, G|N)`` broadcast.
+
+    Raises ``ValueError`` for the values the fused op rejects (non-finite parameters, points or
+    weights, negative weights, ``log_sigma`` below the accumulation dtype's limit), naming the
+    argument, row and value; the check is skipped while ``torch.compile`` traces."""
+    if not torch.compiler.is_compiling():
+        _check_gmm_values(logits, mu, log_sigma, points, weights)
     dtype = logits.dtype
     x = points.to(dtype)
     log_pi = torch.log_softmax(logits, dim=-1)
@@ -112,6 +134,27 @@ def gmm_nll(
     if reduction == "sum":
         return row.sum()
     return row.sum() / has_weight.sum().clamp_min(1).to(dtype)
+
+
+def _check_gmm_values(logits, mu, log_sigma, points, weights) -> None:
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    min_log_sigma = -700.0 if acc == torch.float64 else -80.0
+
+    def first_bad(name: str, t: torch.Tensor, bad: torch.Tensor, what: str) -> None:
+        if t.numel() and bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            where = f"row {', '.join(map(str, idx[:-1]))} (column {idx[-1]})" if len(idx) > 1 else f"column {idx[0]}"
+            raise ValueError(f"{name} must be {what}, got {t[idx].item()} at {where}")
+
+    for name, t in (("logits", logits), ("mu", mu), ("log_sigma", log_sigma), ("points", points)):
+        first_bad(name, t, ~torch.isfinite(t), "finite")
+    first_bad("log_sigma", log_sigma, log_sigma < min_log_sigma, f">= {min_log_sigma}")
+    if weights is not None:
+        w = weights.to(acc)
+        first_bad("weights", w, ~torch.isfinite(w) | (w < 0), "finite and non-negative")
+        totals = w.sum(-1) if w.dim() else w
+        if not bool(torch.isfinite(totals).all()):
+            raise ValueError("weights must have a finite sum per row (each row is normalised to sum 1)")
 
 
 # ---- KL-penalised advantages (DESIGN §3.4) ----------------------------------------------

@@ -16,6 +16,20 @@ struct HuberScale {
   E inv_kappa;  // 1/κ (unused when κ = 0)
 };
 
+// The scale for a κ ≥ 0 given as a double (host side). A κ whose reciprocal overflows E
+// (κ below ~2.9e-39 in float32, ~5.6e-309 in float64: subnormal, or rounding to 0 in E) is
+// taken as κ = 0, the plain pinball loss — the κ → 0 limit of H_κ(u)/κ, within κ/2 per pair —
+// because u²/2·(1/κ) would compute 0·∞ = NaN at u = 0. Callers select the Huber branch with
+// `kappa > 0` on the result, never on the argument.
+template <typename E>
+inline HuberScale<E> make_huber_scale(double kappa) {
+  const E k = static_cast<E>(kappa);
+  if (!(k > E(0))) return HuberScale<E>{E(0), E(0)};
+  const E inv = E(1) / k;
+  if (!(inv - inv == E(0))) return HuberScale<E>{E(0), E(0)};  // 1/κ is ±∞ in E
+  return HuberScale<E>{k, inv};
+}
+
 template <typename T, typename E>
 PREFCORE_HD T pinball_weight(T u, T tau) {
   return u < E(0) ? E(1) - tau : tau;
@@ -45,6 +59,15 @@ PREFCORE_HD T pinball_dpred(T u, T tau, HuberScale<E> h) {
   } else {
     return u < E(0) ? E(1) - tau : -tau;
   }
+}
+
+// Σ_n ρ(t_n − pred)·scale with each term scaled before it is added: the overflow-safe
+// recomputation of one quantile's loss sum, used where the plain sum overflowed.
+template <bool kHuber, typename E>
+PREFCORE_HD E pinball_scaled_sum(const E* t, long long n_targets, E pred, E tau, HuberScale<E> h, E scale) {
+  E s = E(0);
+  for (long long n = 0; n < n_targets; ++n) s += pinball_rho<kHuber, E, E>(t[n] - pred, tau, h) * scale;
+  return s;
 }
 
 // --- exponential utility / certainty equivalent (QRM eq. 4) -----------------------------

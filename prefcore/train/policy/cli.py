@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Sequence
 
 
@@ -14,8 +13,11 @@ def parse_train_policy(argv: Sequence[str]):
     from prefcore.cli import CONFIG_SUFFIXES, config_file_flags
     from prefcore.train.policy.config import PolicyConfig
 
+    from prefcore.cli import user_errors_from_argparse
+
     parser = HfArgumentParser(PolicyConfig, prog="prefcore train-policy",
                               description="Risk-aware RLOO / GRPO / PPO of a causal LM against a reward.")
+    user_errors_from_argparse(parser)
     argv = list(argv)
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
         argv = config_file_flags(argv[0], {f.name for f in dataclasses.fields(PolicyConfig)}) + argv[1:]
@@ -23,16 +25,9 @@ def parse_train_policy(argv: Sequence[str]):
     return cfg
 
 
-def run_train_policy(argv: Sequence[str]) -> int:
-    from prefcore.train.policy.trainer import train_policy
-
-    try:
-        result = train_policy(parse_train_policy(argv))
-    except (ValueError, FileNotFoundError, NotImplementedError) as exc:  # bad settings or data: one line, no traceback
-        print(f"prefcore train-policy: error: {exc}", file=sys.stderr)
-        return 2
+def print_summary(result: dict) -> None:
+    """The one line ``prefcore train-policy`` prints when a run ends (rank 0 only)."""
     m = result["metrics"]
     if m and int(os.environ.get("RANK", "0")) == 0:
         print(f"prefcore train-policy → {result['output_dir']} (step {result['step']}: reward {m['reward']:.4f}, "
               f"utility {m['utility']:.4f}, kl {m['kl']:.4f})")
-    return 0

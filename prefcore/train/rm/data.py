@@ -97,6 +97,18 @@ class PairsData:
         return (self.votes.float() * m).sum(-1) / n.clamp_min(1), n > 0
 
 
+def held_out_count(n: int, eval_fraction: float, what: str, source: str | None = None) -> int:
+    """Rows held out of ``n`` at ``eval_fraction`` (``round(eval_fraction·n)``); ``ValueError`` when
+    that leaves no held-out or no training row. ``source`` (a file) is named in the message."""
+    n_eval = int(round(eval_fraction * n))
+    if n_eval < 1 or n - n_eval < 1:
+        where = f"data {source!r}: " if source else ""
+        hint = "add rows to the file" if source else "use more data (--num_items / --num_pairs)"
+        raise ValueError(f"{where}{n} {what} rows leave no {'held-out' if n_eval < 1 else 'training'} rows at "
+                         f"eval_fraction = {eval_fraction}: {hint} or another eval_fraction")
+    return n_eval
+
+
 @dataclass(frozen=True)
 class RMData:
     """What a run trains on: rated items, preference pairs, or both (QRM)."""
@@ -111,11 +123,7 @@ class RMData:
             if part is None:
                 return None, None
             n = len(part)
-            n_eval = int(round(eval_fraction * n))
-            if n_eval < 1 or n - n_eval < 1:
-                raise ValueError(f"{len(part)} {type(part).__name__[:-4].lower()} rows leave no "
-                                 f"{'held-out' if n_eval < 1 else 'training'} rows at eval_fraction = "
-                                 f"{eval_fraction}: use more data (--num_items / --num_pairs) or another eval_fraction")
+            n_eval = held_out_count(n, eval_fraction, type(part).__name__[:-4].lower())
             g = torch.Generator().manual_seed(seed + 7919)
             perm = torch.randperm(n, generator=g)
             return part.subset(perm[n_eval:]), part.subset(perm[:n_eval])

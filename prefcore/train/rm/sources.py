@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from prefcore.train.rm.data import PairsData, RatingsData, RMData
+from prefcore.train.rm.data import PairsData, RatingsData, RMData, held_out_count
 
 DATA_FORMATS = ("prefcore", "helpsteer2", "ultrafeedback", "ultrafeedback-binarized", "hh-rlhf", "multi-annotator")
 PAIR_FORMATS = ("prefcore", "ultrafeedback-binarized", "hh-rlhf")
@@ -38,9 +38,29 @@ def load_text_encoder(backbone_path: str, device: str = "cpu"):
 
     if not os.path.isdir(backbone_path):
         raise FileNotFoundError(f"backbone must be a local directory with a transformers model, got {backbone_path!r}")
+    check_backbone_config(backbone_path)
     tokenizer = AutoTokenizer.from_pretrained(backbone_path, local_files_only=True)
     tokenizer.truncation_side = "left"
     return load_backbone(backbone_path).to(device).eval(), tokenizer
+
+
+def check_backbone_config(backbone_path: str) -> None:
+    """Parse ``backbone_path/config.json`` as transformers will, turning what is wrong with it (not
+    JSON, an unknown model type, a field of the wrong type) into one ``ValueError`` naming the file."""
+    import json
+
+    from transformers import AutoConfig
+
+    path = os.path.join(backbone_path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone {backbone_path!r} has no config.json (save the model with save_pretrained)")
+    try:
+        AutoConfig.from_pretrained(backbone_path, local_files_only=True)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"backbone config {path!r}, line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg})") from None
+    except Exception as exc:  # transformers/huggingface_hub raise many types for a bad config
+        text = " ".join(str(exc).split())
+        raise ValueError(f"backbone config {path!r} is invalid: {text}") from None
 
 
 class TextEmbedder:
@@ -105,6 +125,8 @@ def _load(path: str, fmt: str, kind: str, cfg):
         print(f"{path}: skipped {ds.num_skipped} invalid rows (first: {ds.skipped_errors[:1]})")
     if len(ds) == 0:
         raise ValueError(f"data {path!r} holds no valid {kind} records")
+    # the train/held-out split must work before a single text is embedded (an expensive step)
+    held_out_count(len(ds), cfg.eval_fraction, "pairs" if kind == "pairs" else "ratings", source=path)
     return ds
 
 

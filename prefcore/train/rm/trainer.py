@@ -105,6 +105,8 @@ class TrainRMConfig:
             raise ValueError(f"score_range must be 'lo,hi' with lo < hi, got {self.score_range!r}")
         if self.out is None:
             self.out = os.path.join("runs", f"rm-{self.method}")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"out must name a run directory, but {self.out!r} is an existing file")
         self.loop_config(self.steps)  # validates the optimisation settings
 
     @property
@@ -166,15 +168,26 @@ def train_reward_model(cfg: TrainRMConfig, data=None) -> dict:
     ``OUT`` receives ``config.json``, ``metrics.jsonl``, ``checkpoint.pt`` (atomic, every
     ``checkpoint_every`` steps and per stage), ``heads.safetensors`` + ``heads.json`` and
     ``report.json``. With ``cfg.resume`` the run continues from the checkpoint and ends exactly as
-    the uninterrupted run would (same weights, same metrics log, same report)."""
+    the uninterrupted run would (same weights, same metrics log, same report).
+
+    The data are loaded and checked (schema, enough rows for the split) before anything is
+    written, and before the backbone embeds a single text; ``progress=False`` also silences the
+    bars and load reports of ``datasets`` and ``transformers`` (:mod:`prefcore._progress`)."""
+    from prefcore._progress import library_output
+
+    with library_output(cfg.progress):
+        return _train_reward_model(cfg, data)
+
+
+def _train_reward_model(cfg: TrainRMConfig, data) -> dict:
     from prefcore.train.rm.methods import build_heads, evaluate, head_config, stages
     from prefcore.train.rm.sources import load_rm_data
 
     out = cfg.out
-    os.makedirs(out, exist_ok=True)
     if data is None:
-        data = load_rm_data(cfg)
+        data = load_rm_data(cfg)  # validates everything before the (cached) feature extraction
     train, test = data.split(cfg.eval_fraction, cfg.seed)
+    os.makedirs(out, exist_ok=True)
     hc = head_config(cfg.method, data, cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
