@@ -44,6 +44,14 @@ inline void check_whiten_count(int64_t n_valid, bool unbiased, const char* what)
                     need > 1 ? "s" : "", " (mask has ", n_valid, ")");
 }
 
+// The `outputs` bit set of kl_penalized_advantages: bit 0 advantages (always required), bit 1
+// returns, bit 2 token_rewards, bit 3 kl; an output left out comes back as an empty (0,) tensor.
+inline void check_advantage_outputs(int64_t outputs) {
+  TORCH_CHECK_VALUE(outputs >= 1 && outputs <= 15 && (outputs & 1),
+                    "outputs must be a bit set of 1 (advantages, required), 2 (returns), 4 (token_rewards) "
+                    "and 8 (kl) that includes 1, got ", outputs);
+}
+
 struct AdvantageInputs {
   at::Tensor logprobs, ref_logprobs, mask, scores, values;  // contiguous; values undefined unless gae
   int64_t B, T, group_size;

@@ -36,11 +36,13 @@ TORCH_LIBRARY(prefcore, m) {
       "Tensor points, Tensor? weights, bool normalize_grid) -> (Tensor, Tensor, Tensor)");
 
   // ---- KL-penalised advantages (DESIGN §3.4) ----
-  // Returns (advantages, returns, token_rewards, kl), all (B, T) float32. No autograd.
+  // Returns (advantages, returns, token_rewards, kl), all (B, T) float32. No autograd. `outputs`
+  // is a bit set (1 advantages — required, 2 returns, 4 token_rewards, 8 kl); the others come
+  // back empty, (0,).
   m.def(
       "kl_penalized_advantages(Tensor logprobs, Tensor ref_logprobs, Tensor mask, Tensor scores, "
       "Tensor? values, float kl_coef, int estimator, int mode, int group_size, float gamma, "
-      "float lam, bool whiten, float? kl_clamp) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float lam, bool whiten, float? kl_clamp, int outputs=15) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("masked_whiten(Tensor x, Tensor mask, bool unbiased, bool shift_mean) -> Tensor");
 
   // ---- fused token log-probs from hidden states × LM head (DESIGN §3.5) ----

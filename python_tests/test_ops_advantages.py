@@ -688,3 +688,43 @@ def test_fp64_gae_whitening_keeps_float64_precision():
             torch.testing.assert_close(out.advantages.double(), truth[0], rtol=1e-5, atol=1e-5)
             assert truth[0][mask].std() > 0.5  # the test can fail: distinct whitened values
         torch.testing.assert_close(out.returns.double(), truth[1], rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("whiten", [False, True])
+def test_outputs_subset_matches_the_full_call(mode, whiten):
+    # outputs= computes only the named fields; the rest are None and the computed ones equal
+    # the full call's bit for bit (and the naive loop's).
+    lp, rf, mask, scores, values = make_inputs(8, 77, seed=21, garbage=True)
+    kw = kwargs_for(mode, k=4, estimator="k3", whiten=whiten, values=values if mode == "gae" else None)
+    full = prefcore.ops.kl_penalized_advantages(lp, rf, mask, scores, **kw)
+    truth = naive_fp64(lp, rf, mask, scores, **kw)
+    for names in (("advantages",), ("advantages", "kl"), ("advantages", "returns"), ("kl", "advantages", "token_rewards")):
+        part = prefcore.ops.kl_penalized_advantages(lp, rf, mask, scores, outputs=names, **kw)
+        assert isinstance(part, Advantages)
+        for i, field in enumerate(Advantages._fields):
+            if field in names:
+                assert torch.equal(part[i], full[i]), f"{names}: {field} differs from the full call"
+                assert_close_f32(part[i], truth[i], what=f"{names} {field}")
+            else:
+                assert part[i] is None, f"{names}: {field} should be None"
+
+
+def test_outputs_argument_errors_and_compile():
+    lp, rf, mask, scores, values = make_inputs(4, 9, seed=22, garbage=False)
+    kw = kwargs_for("rloo", k=2)
+    for bad, msg in ((("kl",), "must include 'advantages'"), (("advantages", "bogus"), "unknown name"),
+                     ("advantages", "sequence of output names")):
+        with pytest.raises(ValueError, match=msg):
+            prefcore.ops.kl_penalized_advantages(lp, rf, mask, scores, outputs=bad, **kw)
+    with pytest.raises(ValueError, match="outputs must be a bit set"):
+        torch.ops.prefcore.kl_penalized_advantages(lp, rf, mask, scores, None, 0.1, 0, 0, 2, 1.0, 1.0, False, None, 6)
+    torch.library.opcheck(torch.ops.prefcore.kl_penalized_advantages,
+                          (lp, rf, mask, scores, None, 0.1, 2, 1, 2, 1.0, 1.0, True, None, 9))
+    torch._dynamo.reset()
+    step = lambda *a: prefcore.ops.kl_penalized_advantages(*a, outputs=("advantages", "kl"), **kw)  # noqa: E731
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(lp, rf, mask, scores)
+    want = step(lp, rf, mask, scores)
+    assert got.returns is None and got.token_rewards is None
+    torch.testing.assert_close(got.advantages, want.advantages)
+    torch.testing.assert_close(got.kl, want.kl)

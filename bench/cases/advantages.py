@@ -32,7 +32,12 @@ def _inputs(b: int, t: int, mode: str, estimator: str):
     return make
 
 
-_GROUP_IMPLS = {"prefcore": prefcore.ops.kl_penalized_advantages, "reference": reference.kl_penalized_advantages}
+_GROUP_IMPLS = {
+    "prefcore": prefcore.ops.kl_penalized_advantages,
+    "reference": reference.kl_penalized_advantages,
+    # What an RLOO/GRPO trainer needs: the advantages, and the KL for logging.
+    "prefcore[adv+kl]": functools.partial(prefcore.ops.kl_penalized_advantages, outputs=("advantages", "kl")),
+}
 _GAE_IMPLS = {
     "prefcore": prefcore.ops.kl_penalized_advantages,
     "reference": reference.kl_penalized_advantages,  # reverse Python loop over T

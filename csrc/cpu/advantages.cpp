@@ -47,10 +47,11 @@ struct AdvArgs {
   int64_t T, k;
   acc_t kl_coef, gamma, gamma_lam, clamp;
   bool grpo, whiten;
-  float* adv;  // outputs, (B, T) each
-  float* ret;
+  float* adv;  // outputs, (B, T) each; a skipped output (kl, tr, ret) points at a per-task
+  float* ret;  // sink row of T floats with a row stride of 0 (it stays in L1: no memory traffic)
   float* tr;
   float* kl;
+  int64_t ret_rs, tr_rs, kl_rs;  // row strides: T, or 0 for a skipped output
   double* row_value;        // (B,) rloo/grpo: A per row
   acc_t* adv_acc;           // (B, T) gae advantages in float64 for whitening them, else nullptr
   Moments<double>* moments;  // (B,) per-row moments when whitening, else nullptr
@@ -96,17 +97,27 @@ struct BlockRef {
 
 void release_block(void* ctx) { delete static_cast<BlockRef*>(ctx); }
 
-std::array<at::Tensor, 4> alloc_outputs(int64_t B, int64_t T, const at::TensorOptions& opts) {
+// Outputs not in `wanted` (bit i: output i of advantages, returns, token_rewards, kl) are
+// returned as empty (0,) tensors and take no memory.
+std::array<at::Tensor, 4> alloc_outputs(int64_t B, int64_t T, const at::TensorOptions& opts, int64_t wanted) {
   const int64_t n = B * T;
+  std::array<at::Tensor, 4> outs;
+  int64_t count = 0;
+  for (int64_t i = 0; i < 4; ++i) {
+    if (wanted & (int64_t(1) << i)) ++count;
+    else outs[i] = at::empty({0}, opts);
+  }
   if (n == 0) {
-    return {at::empty({B, T}, opts), at::empty({B, T}, opts), at::empty({B, T}, opts), at::empty({B, T}, opts)};
+    for (int64_t i = 0; i < 4; ++i) if (wanted & (int64_t(1) << i)) outs[i] = at::empty({B, T}, opts);
+    return outs;
   }
   const int64_t stride = (n + 15) / 16 * 16;  // 64-byte-aligned outputs
-  const at::Tensor block = at::empty({4 * stride}, opts);
+  const at::Tensor block = at::empty({count * stride}, opts);
   float* base = block.mutable_data_ptr<float>();
-  std::array<at::Tensor, 4> outs;
-  for (int64_t i = 0; i < 4; ++i) {
-    c10::DataPtr ptr(base + i * stride, new BlockRef{block.storage()}, &release_block, block.device());
+  for (int64_t i = 0, slot = 0; i < 4; ++i) {
+    if (!(wanted & (int64_t(1) << i))) continue;
+    const int64_t at_slot = slot++;
+    c10::DataPtr ptr(base + at_slot * stride, new BlockRef{block.storage()}, &release_block, block.device());
     auto storage = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(),
                                                          static_cast<size_t>(n) * sizeof(float), std::move(ptr),
                                                          c10::GetCPUAllocator(), /*resizable=*/true);
@@ -125,11 +136,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_penalized_advantag
     const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& mask,
     const at::Tensor& scores, const std::optional<at::Tensor>& values, double kl_coef,
     int64_t estimator, int64_t mode, int64_t group_size, double gamma, double lam, bool whiten,
-    std::optional<double> kl_clamp) {
+    std::optional<double> kl_clamp, int64_t outputs) {
   const AdvantageInputs p = prepare_advantages(logprobs, ref_logprobs, mask, scores, values, kl_coef,
                                                estimator, mode, group_size, gamma, lam, whiten, kl_clamp);
+  check_advantage_outputs(outputs);
   const auto opts = p.logprobs.options().dtype(at::kFloat);
-  auto [adv, ret, tr, kl] = alloc_outputs(p.B, p.T, opts);
+  auto [adv, ret, tr, kl] = alloc_outputs(p.B, p.T, opts, outputs);
+  const bool want_ret = outputs & 2, want_tr = outputs & 4, want_kl = outputs & 8;
   std::vector<Moments<double>> moments(whiten ? static_cast<size_t>(p.B) : 0);
   const bool gae = p.mode == AdvantageMode::kGae;
   const Isa isa = active_isa();
@@ -146,16 +159,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_penalized_advantag
         gae ? p.values.const_data_ptr<scalar_t>() : nullptr, p.T, p.group_size,
         static_cast<acc_t>(p.kl_coef), static_cast<acc_t>(p.gamma), static_cast<acc_t>(p.gamma * p.lam),
         static_cast<acc_t>(p.kl_clamp), p.mode == AdvantageMode::kGrpo, whiten,
-        adv.mutable_data_ptr<float>(), ret.mutable_data_ptr<float>(), tr.mutable_data_ptr<float>(),
-        kl.mutable_data_ptr<float>(), row_value.data(), keep_acc ? adv_acc.data() : nullptr,
-        whiten ? moments.data() : nullptr};
+        adv.mutable_data_ptr<float>(), want_ret ? ret.mutable_data_ptr<float>() : nullptr,
+        want_tr ? tr.mutable_data_ptr<float>() : nullptr, want_kl ? kl.mutable_data_ptr<float>() : nullptr,
+        want_ret ? p.T : 0, want_tr ? p.T : 0, want_kl ? p.T : 0,
+        row_value.data(), keep_acc ? adv_acc.data() : nullptr, whiten ? moments.data() : nullptr};
+    // A task's view of the outputs: skipped ones write into its own sink row (stride 0).
+    auto with_sinks = [&](std::vector<float>& sink) {
+      AdvArgs<scalar_t, acc_t> t = a;
+      if (t.ret == nullptr || t.tr == nullptr || t.kl == nullptr) sink.resize(static_cast<size_t>(3 * p.T));
+      if (t.ret == nullptr) t.ret = sink.data();
+      if (t.tr == nullptr) t.tr = sink.data() + p.T;
+      if (t.kl == nullptr) t.kl = sink.data() + 2 * p.T;
+      return t;
+    };
     with_estimator(p.estimator, [&](auto est) {
       if (gae) {
-        at::parallel_for(0, p.B, grain_rows(p.T), [&](int64_t b0, int64_t b1) { gae_rows_isa(isa, est, a, b0, b1); });
+        at::parallel_for(0, p.B, grain_rows(p.T), [&](int64_t b0, int64_t b1) {
+          std::vector<float> sink;
+          gae_rows_isa(isa, est, with_sinks(sink), b0, b1);
+        });
       } else {
         const int64_t groups = p.B / p.group_size;
         at::parallel_for(0, groups, std::max<int64_t>(1, grain_rows(p.T) / p.group_size),
-                         [&](int64_t g0, int64_t g1) { group_rows_isa(isa, est, a, g0, g1); });
+                         [&](int64_t g0, int64_t g1) {
+                           std::vector<float> sink;
+                           group_rows_isa(isa, est, with_sinks(sink), g0, g1);
+                         });
       }
     });
     if (!whiten) return;
@@ -163,7 +192,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_penalized_advantag
     check_whiten_count(static_cast<int64_t>(total.n), true, "whiten=True");
     const WhitenAffine<double> w = whiten_affine(total, true, true);
     at::parallel_for(0, p.B, grain_rows(p.T), [&](int64_t b0, int64_t b1) {
-      whiten_rows_isa(isa, a.mask, p.T, gae, a.adv, a.ret, static_cast<const double*>(row_value.data()),
+      std::vector<float> sink;
+      const auto t = with_sinks(sink);
+      whiten_rows_isa(isa, t.mask, p.T, gae, t.adv, t.ret, t.ret_rs, static_cast<const double*>(row_value.data()),
                       static_cast<const acc_t*>(a.adv_acc), w, b0, b1);
     });
   });

@@ -380,10 +380,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_penalized_advantag
     const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& mask,
     const at::Tensor& scores, const std::optional<at::Tensor>& values, double kl_coef,
     int64_t estimator, int64_t mode, int64_t group_size, double gamma, double lam, bool whiten,
-    std::optional<double> kl_clamp) {
+    std::optional<double> kl_clamp, int64_t outputs) {
   const c10::cuda::CUDAGuard guard(logprobs.device());
   const AdvantageInputs p = prepare_advantages(logprobs, ref_logprobs, mask, scores, values, kl_coef,
                                                estimator, mode, group_size, gamma, lam, whiten, kl_clamp);
+  check_advantage_outputs(outputs);  // on CUDA every output is computed; the skipped ones are dropped
   const auto opts = p.logprobs.options().dtype(at::kFloat);
   at::Tensor adv = at::empty({p.B, p.T}, opts), ret = at::empty({p.B, p.T}, opts),
              tr = at::empty({p.B, p.T}, opts), kl = at::empty({p.B, p.T}, opts);
@@ -437,7 +438,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_penalized_advantag
     }
   });
   if (whiten && p.B == 0) check_whiten_count(0, true, "whiten=True");
-  return {adv, ret, tr, kl};
+  const auto keep = [&](at::Tensor& t, int64_t bit) { return (outputs & bit) ? t : at::empty({0}, opts); };
+  return {adv, keep(ret, 2), keep(tr, 4), keep(kl, 8)};
 }
 
 at::Tensor masked_whiten_cuda(const at::Tensor& x, const at::Tensor& mask, bool unbiased, bool shift_mean) {

@@ -5,6 +5,7 @@ the k-major sample order of TRL's old ``repeat`` and the prompt-major groups the
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -24,12 +25,29 @@ ADVANTAGE_MODES = {"rloo": 0, "grpo": 1, "gae": 2}
 
 
 class Advantages(NamedTuple):
-    """Result of :func:`kl_penalized_advantages`: four ``(B, T)`` float32 tensors."""
+    """Result of :func:`kl_penalized_advantages`: four ``(B, T)`` float32 tensors (a field left
+    out through ``outputs=`` is None)."""
 
     advantages: torch.Tensor
-    returns: torch.Tensor
-    token_rewards: torch.Tensor
-    kl: torch.Tensor
+    returns: torch.Tensor | None
+    token_rewards: torch.Tensor | None
+    kl: torch.Tensor | None
+
+
+_OUTPUT_BITS = {"advantages": 1, "returns": 2, "token_rewards": 4, "kl": 8}
+
+
+def _outputs_mask(outputs: object) -> int:
+    if outputs is None:
+        return 15
+    if isinstance(outputs, str) or not all(isinstance(o, str) for o in outputs):  # type: ignore[union-attr]
+        raise ValueError(f"outputs must be a sequence of output names from {tuple(_OUTPUT_BITS)}, got {outputs!r}")
+    unknown = [o for o in outputs if o not in _OUTPUT_BITS]  # type: ignore[union-attr]
+    if unknown:
+        raise ValueError(f"outputs: unknown name(s) {unknown}; choose from {tuple(_OUTPUT_BITS)}")
+    if "advantages" not in outputs:  # type: ignore[operator]
+        raise ValueError(f"outputs must include 'advantages', got {tuple(outputs)}")  # type: ignore[arg-type]
+    return sum(_OUTPUT_BITS[o] for o in set(outputs))  # type: ignore[union-attr]
 
 
 def _require_mask(mask: object, shape: torch.Size, ref_name: str) -> torch.Tensor:
@@ -69,6 +87,7 @@ def kl_penalized_advantages(
     lam: float = 1.0,
     whiten: bool = False,
     kl_clamp: float | None = None,
+    outputs: Sequence[str] | None = None,
 ) -> Advantages:
     r"""Token-level KL penalty, rewards and advantages for RLOO, GRPO or PPO-style GAE, fused.
 
@@ -108,7 +127,11 @@ def kl_penalized_advantages(
     never read into the result (±inf padding is fine).
 
     Returns :class:`Advantages` ``(advantages, returns, token_rewards, kl)``, each ``(B, T)``
-    float32 on the inputs' device. ``gamma`` and ``lam`` lie in [0, 1]; ``kl_coef ≥ 0``.
+    float32 on the inputs' device. ``outputs`` names the fields to compute (default: all four);
+    ``"advantages"`` is required, the others left out are ``None`` in the result and, on CPU, are
+    neither allocated nor written — e.g. ``outputs=("advantages", "kl")`` for an RLOO/GRPO trainer
+    that logs the KL (for rloo/grpo ``returns`` equals ``advantages`` unless whitening). The values
+    computed are identical with or without it. ``gamma`` and ``lam`` lie in [0, 1]; ``kl_coef ≥ 0``.
     On CPU the four outputs are carved from one allocation of torch's CPU allocator (so that
     glibc reuses it from call to call instead of trimming and re-faulting four separate buffers);
     each is its own ordinary, resizable storage at offset 0 and they never overlap, but the
@@ -135,6 +158,7 @@ def kl_penalized_advantages(
         kl_clamp = require_finite_float(kl_clamp, "kl_clamp", min_value=0.0)
     if not isinstance(whiten, bool):
         raise ValueError(f"whiten must be a bool, got {type(whiten).__name__}")
+    out_mask = _outputs_mask(outputs)
     if mode == "gae":
         if values is None:
             raise ValueError("mode='gae' needs values of shape (B, T), got None")
@@ -166,9 +190,13 @@ def kl_penalized_advantages(
     ref = ref_logprobs.detach().to(dtype)
     vals = values.detach().to(dtype) if values is not None else None
     sc = scores.detach().to(opmath_dtype(dtype))
+    if out_mask == 15:  # the default schema call (what torch.compile traces for the common case)
+        out = torch.ops.prefcore.kl_penalized_advantages(lp, ref, mask.detach(), sc, vals, kl_coef, est_code,
+                                                          mode_code, k, gamma, lam, whiten, kl_clamp)
+        return Advantages(*out)
     out = torch.ops.prefcore.kl_penalized_advantages(lp, ref, mask.detach(), sc, vals, kl_coef, est_code, mode_code,
-                                                      k, gamma, lam, whiten, kl_clamp)
-    return Advantages(*out)
+                                                      k, gamma, lam, whiten, kl_clamp, out_mask)
+    return Advantages(*(o if out_mask & (1 << i) else None for i, o in enumerate(out)))
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, shift_mean: bool = True) -> torch.Tensor:
@@ -220,8 +248,9 @@ def prompt_major_to_k_major(x: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.library.register_fake("prefcore::kl_penalized_advantages")
 def _kl_penalized_advantages_fake(logprobs, ref_logprobs, mask, scores, values, kl_coef, estimator, mode,
-                                  group_size, gamma, lam, whiten, kl_clamp):
-    return tuple(logprobs.new_empty(logprobs.shape, dtype=torch.float32) for _ in range(4))
+                                  group_size, gamma, lam, whiten, kl_clamp, outputs=15):
+    return tuple(logprobs.new_empty(logprobs.shape if outputs & (1 << i) else (0,), dtype=torch.float32)
+                 for i in range(4))
 
 
 @torch.library.register_fake("prefcore::masked_whiten")
