@@ -52,9 +52,9 @@ def _impls(big: bool) -> dict:
 
 CASES = [
     BenchCase("token_logprobs", "N=2048 H=512 V=32768 fp32", _inputs(2048, 512, 32768, torch.float32, True),
-              _impls(False), compile=("chunked",)),
+              _impls(False), compile=("chunked",), smoke_inputs=_inputs(8, 16, 64, torch.float32, True)),
     BenchCase("token_logprobs", "N=2048 H=512 V=32768 bf16", _inputs(2048, 512, 32768, torch.bfloat16, True),
-              _impls(False), compile=("chunked",)),
+              _impls(False), compile=("chunked",), smoke_inputs=_inputs(8, 16, 64, torch.bfloat16, True)),
     BenchCase("token_logprobs", "N=8192 H=896 V=151936 fp32 fwd", _inputs(8192, 896, 151936, torch.float32, False),
-              _impls(True), compile=("chunked",), backward=False),
+              _impls(True), compile=("chunked",), backward=False, smoke_inputs=_inputs(8, 16, 64, torch.float32, False)),
 ]
