@@ -1,4 +1,4 @@
-# prefcore — the two commands: `make test` (and, once it exists, `make demo`).
+# prefcore — the two commands: `make demo` and `make test`.
 # Each sets up what it needs: a .venv, torch (CPU build from local disk), the native build.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -10,9 +10,10 @@ CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.in
 DEPS_STAMP := $(VENV)/.prefcore-deps
 EXT_STAMP := prefcore/.ext-built
 
-.PHONY: test build cuda-check bench bench-smoke bench-table clean help
+.PHONY: demo demo-quick test build cuda-check bench bench-smoke bench-table clean help
 
 help:
+	@echo "make demo        set up .venv and the build, then run the whole pipeline (prefcore demo, <= 10 min on 2 cores)"
 	@echo "make test        set up .venv, build prefcore._C, compile-check CUDA sources, run pytest"
 	@echo "make build       (re)build the native extension in place (incremental)"
 	@echo "make cuda-check  nvcc -c every csrc/cuda/*.cu against torch's headers (no link)"
@@ -41,6 +42,15 @@ build: $(EXT_STAMP)
 
 cuda-check: $(DEPS_STAMP)
 	$(PY) tools/check_cuda.py
+
+# The main job: the papers' story end to end on the embedded text world (report in runs/demo/).
+# DEMO_ARGS passes flags through, e.g. `make demo DEMO_ARGS="--seed 1 --out runs/demo-s1"`.
+DEMO_ARGS ?=
+demo: build
+	$(PY) -m prefcore.cli demo $(DEMO_ARGS)
+
+demo-quick: build
+	$(PY) -m prefcore.cli demo --quick --out runs/demo-quick $(DEMO_ARGS)
 
 test: build cuda-check
 	$(PY) -m pytest python_tests -q $(PYTEST_ARGS)

@@ -31,4 +31,9 @@ TARGETS: tuple[Target, ...] = (
     Target("kl_penalized_advantages", "grpo", "fwd", "reference", 3.0),
     Target("kl_penalized_advantages", "grpo", "fwd", "reference+compile", 1.0),
     Target("kl_penalized_advantages", "gae", "fwd", "reference", 50.0),  # the Python reverse loop
+    # issue 10: N=2048, H=512, V=32768, fp32 (eager = log_softmax(h @ Wᵀ).gather)
+    Target("token_logprobs", "V=32768 fp32", "fwd", "reference", 1.25),
+    Target("token_logprobs", "V=32768 fp32", "fwd", "F.linear_cross_entropy", 1.0),
+    Target("token_logprobs", "V=32768 fp32", "fwd+bwd", "reference", 1.0),
+    Target("token_logprobs", "V=32768 fp32", "fwd+bwd", "F.linear_cross_entropy", 1.0),
 )

@@ -56,7 +56,15 @@ def _curves(run_dir: Path, keys: dict[str, str]) -> dict[str, list[list[float]]]
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Run (or resume) the demo; returns ``eval/metrics.json``'s contents."""
+    """Run (or resume) the demo; returns ``eval/metrics.json``'s contents. ``no_progress`` silences
+    every bar and library load report (:mod:`prefcore._progress`)."""
+    from prefcore._progress import library_output
+
+    with library_output(not cfg.no_progress):
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     import torch
 
     import prefcore

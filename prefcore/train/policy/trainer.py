@@ -651,9 +651,14 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 def train_policy(cfg: PolicyConfig, *, model: nn.Module | str | None = None, tokenizer=None, prompts: object = None,
                  reward: object = None, ref_model: nn.Module | None = None) -> dict:
     """Run :class:`PolicyTrainer` to ``cfg.max_steps``; returns ``{"step", "metrics" (the last
-    step's record), "output_dir", "policy_dir"}``."""
-    trainer = PolicyTrainer(cfg, model=model, tokenizer=tokenizer, prompts=prompts, reward=reward, ref_model=ref_model)
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
+    step's record), "output_dir", "policy_dir"}``. ``no_progress`` also silences the bars and load
+    reports of ``datasets``/``transformers`` (:mod:`prefcore._progress`)."""
+    from prefcore._progress import library_output
+
+    with library_output(not cfg.no_progress):
+        trainer = PolicyTrainer(cfg, model=model, tokenizer=tokenizer, prompts=prompts, reward=reward,
+                                ref_model=ref_model)
+        try:
+            return trainer.train()
+        finally:
+            trainer.close()
