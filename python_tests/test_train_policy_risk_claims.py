@@ -3,9 +3,9 @@ rating distribution with a risk-averse utility (QRM's CE with large λ, DFL's me
 lowers the true catastrophic-response rate (CRR: some annotator type's expected rating < −0.7)
 compared with the ``mean`` utility, over several seeds; and the utility rises during training.
 
-The numbers measured when this test was written (2 CPU threads; 150 pretraining steps, 30 RLOO steps
-of 8 prompts × 4 completions, lr 2e-3, β = 0.05; CRR over 128 held-out samples) are in
-``MEASURED`` — the assertions are the claims, not these values.
+Setup: 150 pretraining steps, 30 RLOO steps of 8 prompts × 4 completions, lr 2e-3, β = 0.05; CRR
+over 128 held-out samples. The fixture prints the measured (true mean rating, CRR) of every run
+(``pytest -s``); the assertions are the claims, not those values.
 """
 from __future__ import annotations
 
@@ -22,10 +22,6 @@ pytestmark = pytest.mark.slow
 UTILITIES = ("mean", "ce:4", "mean-var:1", "cvar:0.25")
 SEEDS = (0, 1)
 STEPS = 30
-# seed 0, written down when the test was made: (true mean rating, CRR) of the final policy
-MEASURED = {"start": (0.032, 0.438), "mean": (0.083, 0.617), "ce:4": (-0.053, 0.195),
-            "mean-var:1": (-0.057, 0.195), "cvar:0.25": (-0.104, 0.117)}
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -49,6 +45,10 @@ def runs(tmp_path_factory):
             summary = train_policy(cfg, model=model, tokenizer=world.tokenizer, prompts=world.default_prompts(),
                                    reward=population_reward(world))
             results[(seed, utility)] = (*evaluate(model), summary["output_dir"])
+    print("\n(true mean rating, CRR): start", tuple(round(v, 3) for v in results["start"]))
+    for key, val in results.items():
+        if key != "start":
+            print(key, round(val[0], 3), round(val[1], 3))
     return results
 
 

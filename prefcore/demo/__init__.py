@@ -55,6 +55,11 @@ def _curves(run_dir: Path, keys: dict[str, str]) -> dict[str, list[list[float]]]
     return out
 
 
+def _portable(flags: list[str], out: Path) -> list[str]:
+    """A stage key independent of where ``OUT`` lives (a moved or copied run keeps its stages)."""
+    return [f.replace(str(out), "OUT") for f in flags]
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run (or resume) the demo; returns ``eval/metrics.json``'s contents. ``no_progress`` silences
     every bar and library load report (:mod:`prefcore._progress`)."""
@@ -90,7 +95,7 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
         flags = P.rm_flags(method, out=out / name, feedback=feedback_dir, world_dir=world_dir, seed=cfg.seed, s=s,
                            progress=progress)
         commands[name] = P.command_line("train-rm", flags)
-        runner.run(name, {**base_key, "flags": flags}, lambda d, f=flags: P.stage_reward_model(d, f))
+        runner.run(name, {**base_key, "flags": _portable(flags, out)}, lambda d, f=flags: P.stage_reward_model(d, f))
         rm_dirs[name] = out / name
 
     prompts_file = out / "feedback" / "train" / "prompts.jsonl"
@@ -100,7 +105,7 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
         flags = P.policy_flags(utility, out=out / name, world_dir=world_dir, rm_dir=rm_dirs["rm-qrm"], seed=cfg.seed,
                                s=s, progress=progress, prompts_file=prompts_file)
         commands[name] = P.command_line("train-policy", flags)
-        runner.run(name, {**base_key, "flags": flags}, lambda d, f=flags: P.stage_policy(d, f))
+        runner.run(name, {**base_key, "flags": _portable(flags, out)}, lambda d, f=flags: P.stage_policy(d, f))
         policy_dirs[name] = out / name / "policy"
 
     def stage_eval(d: Path) -> dict[str, Any]:

@@ -194,6 +194,7 @@ def _sample(model, tokenizer, prompts: Sequence[str], *, seed: int, max_new_toke
     return enc["input_ids"], enc["attention_mask"], comp, mask, texts
 
 
+@torch.no_grad()
 def _sequence_logprob(model, prompt_ids, prompt_mask, comp, mask) -> torch.Tensor:
     from prefcore.train.policy.logprobs import completion_logprobs
 
