@@ -17,12 +17,12 @@ REWARD_FN = "python_tests.test_train_policy_common:count_a"
     ({"num_generations": 1}, "num_generations must be >= 2 for algo='rloo'"),
     ({"algo": "grpo", "num_generations": 1}, "num_generations must be >= 2 for algo='grpo'"),
     ({"algo": "dpo"}, "algo must be one of"),
-    ({"utility": "ce:abc"}, "utility: ce needs a number"),
-    ({"utility": "ce:nan"}, "utility: the parameter of ce must be finite"),
-    ({"utility": "mean-var:-1"}, "utility: mean-var needs a parameter >= 0"),
-    ({"utility": "cvar:1.5"}, r"utility: cvar:α needs α in \(0, 1\]"),
-    ({"utility": "quantile:0"}, r"utility: quantile:τ needs τ in \(0, 1\)"),
-    ({"utility": "median"}, "utility: unknown kind 'median'"),
+    ({"utility": "ce:abc"}, "utility: λ in 'ce:abc' must be a number"),
+    ({"utility": "ce:nan"}, "utility: λ in 'ce:nan' must be a finite number"),
+    ({"utility": "mean-var:inf"}, "utility: α in 'mean-var:inf' must be a finite number"),
+    ({"utility": "cvar:1.5"}, r"utility: α of cvar must lie in \(0, 1\]"),
+    ({"utility": "quantile:0"}, r"utility: τ of quantile must lie strictly inside \(0, 1\)"),
+    ({"utility": "median"}, "utility: unknown utility 'median'"),
     ({"utility": "mean:2"}, "utility: 'mean' takes no parameter"),
     ({"temperature": 0.0}, "temperature must be > 0"),
     ({"top_p": 1.5}, "top_p must be <= 1"),
@@ -76,7 +76,7 @@ def _run(files, tmp_path, *extra, model="policy"):
 
 
 @pytest.mark.parametrize("extra, model, match", [
-    (["--utility", "cvar:x"], "policy", "utility: cvar needs a number"),
+    (["--utility", "cvar:x"], "policy", "utility: α in 'cvar:x' must be a number"),
     (["--num_generations", "1"], "policy", "num_generations must be >= 2"),
     (["--reward_model", "/nonexistent/rm"], "policy", "reward_model: no such directory '/nonexistent/rm'"),
     (["--reward_model", "MODEL_DIR"], "policy", "reward_model: .* is neither a prefcore train-rm run"),
