@@ -140,23 +140,29 @@ def config_file_flags(path: str, fields: set[str]) -> list[str]:
     return flags
 
 
-def parse_train_rm(argv: Sequence[str]):
-    """Parse ``train-rm`` arguments (HfArgumentParser): flags, or a JSON/YAML config file first
-    and then flags that override it (``prefcore train-rm run.yaml --resume``)."""
+def parse_config(config_cls, argv: Sequence[str], *, prog: str, description: str):
+    """Parse a command's config dataclass with HfArgumentParser: flags, or a JSON/YAML config file
+    first and then flags that override it (``prefcore train-rm run.yaml --resume``); flag errors
+    are user errors (one line)."""
     import dataclasses
 
     from transformers import HfArgumentParser
 
-    from prefcore.train.rm.trainer import TrainRMConfig
-
-    parser = HfArgumentParser(TrainRMConfig, prog="prefcore train-rm",
-                              description="Train a distributional (or point) reward model.")
+    parser = HfArgumentParser(config_cls, prog=prog, description=description)
     user_errors_from_argparse(parser)
     argv = list(argv)
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
-        argv = config_file_flags(argv[0], {f.name for f in dataclasses.fields(TrainRMConfig)}) + argv[1:]
+        argv = config_file_flags(argv[0], {f.name for f in dataclasses.fields(config_cls)}) + argv[1:]
     (cfg,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return cfg
+
+
+def parse_train_rm(argv: Sequence[str]):
+    """Parse ``train-rm`` arguments (:func:`parse_config` of ``TrainRMConfig``)."""
+    from prefcore.train.rm.trainer import TrainRMConfig
+
+    return parse_config(TrainRMConfig, argv, prog="prefcore train-rm",
+                        description="Train a distributional (or point) reward model.")
 
 
 def user_errors_from_argparse(parser) -> None:
@@ -191,15 +197,10 @@ def _train_policy(argv: Sequence[str]) -> None:
 
 def parse_demo(argv: Sequence[str]):
     """Parse ``demo`` arguments (``--out DIR --seed N --quick --no_progress``)."""
-    from transformers import HfArgumentParser
-
     from prefcore.demo import DemoConfig
 
-    parser = HfArgumentParser(DemoConfig, prog="prefcore demo",
-                              description="Run the whole pipeline on the embedded text world and write a report.")
-    user_errors_from_argparse(parser)
-    (cfg,) = parser.parse_args_into_dataclasses(args=list(argv), look_for_args_file=False)
-    return cfg
+    return parse_config(DemoConfig, argv, prog="prefcore demo",
+                        description="Run the whole pipeline on the embedded text world and write a report.")
 
 
 def _demo(argv: Sequence[str]) -> None:
