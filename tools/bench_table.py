@@ -26,6 +26,8 @@ from bench.harness import Measurement, markdown_table, summarize  # noqa: E402
 from bench.targets import TARGETS, THREADS  # noqa: E402
 
 BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
+# One RLOO step, prefcore vs TRL (bench/policy_step.py), in a block of its own.
+PS_BEGIN, PS_END = "<!-- policy-step:begin -->", "<!-- policy-step:end -->"
 README = os.path.join(ROOT, "README.md")
 NO_RESULTS = ("*No headline (ordinary-process) results are recorded in `bench/results/` yet: run `python -m bench`, "
               "then `python tools/bench_table.py --readme`.*")
@@ -39,6 +41,30 @@ def headline_files() -> list[str]:
         if data.get("headline") is True:
             files.append((data.get("datetime_utc", data.get("date", "")), path))
     return [p for _, p in sorted(files)]
+
+
+def policy_step_files() -> list[str]:
+    return sorted(glob.glob(os.path.join(ROOT, "bench", "results", "policy-step-*.json")))
+
+
+def render_policy_step(path: str) -> str:
+    """The table ``bench.policy_step`` prints, under a line naming the file, machine and load."""
+    from bench.policy_step import markdown
+
+    with open(path) as f:
+        res = json.load(f)
+    m = res["machine"]
+    head = (f"`{os.path.relpath(path, ROOT)}`: {res['datetime_utc']}, {m['cpu']} ({m['logical_cores']} logical "
+            f"cores), {res['threads']} torch threads, torch {m['torch']}, transformers {m['transformers']}, "
+            f"trl {m['trl']}; load average before {res['load_avg_before'][0]:.2f}, after "
+            f"{res['load_avg_after'][0]:.2f}; `{res['command']}`.")
+    return head + "\n\n" + markdown(res)
+
+
+def _replace_block(text: str, begin: str, end: str, body: str) -> str:
+    pre, rest = text.split(begin, 1)
+    _, post = rest.split(end, 1)
+    return f"{pre}{begin}\n{body}\n{end}{post}"
 
 
 def _targets_table(results: list[Measurement]) -> str:
@@ -88,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     if BEGIN not in text or END not in text:
         print(f"README.md has no {BEGIN} … {END} block", file=sys.stderr)
         return 1
-    pre, rest = text.split(BEGIN, 1)
-    _, post = rest.split(END, 1)
-    new = f"{pre}{BEGIN}\n{body}\n{END}{post}"
+    new = _replace_block(text, BEGIN, END, body)
+    if PS_BEGIN in new and PS_END in new:
+        ps = "\n\n".join(render_policy_step(p) for p in policy_step_files()) or "*No policy-step results recorded.*"
+        new = _replace_block(new, PS_BEGIN, PS_END, ps)
     if args.check:
         if new != text:
             print("README.md's benchmark table is stale: run python tools/bench_table.py --readme", file=sys.stderr)
