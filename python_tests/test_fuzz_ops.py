@@ -462,3 +462,56 @@ def test_fuzz_masked_whiten(seed, shape, dtype, unbiased, shift_mean, spread, of
     # rounding to its dtype, whatever the common offset
     rel = 1e-10 if dtype == torch.float64 else 1e-6
     assert_within(out, want, rel * (1 + want.abs()) + 2 * OUT_EPS[dtype] * want.abs() + OUT_ABS[dtype], "masked_whiten")
+
+
+# ---- token_logprobs ----------------------------------------------------------------------------
+
+@st.composite
+def token_logprob_cases(draw):
+    dtype = draw(dtypes)
+    lead = draw(st.sampled_from([(0,), (1,), (5,), (2, 3), (3, 0)]))
+    h = draw(st.sampled_from([1, 3, 8, 17]))
+    v = draw(st.sampled_from([1, 2, 5, 33, 130]))
+    scale = draw(st.sampled_from([0.3, 1.0, 3.0]))
+    hidden = draw(tensors((*lead, h), dtype, scale=scale))
+    weight = draw(tensors((v, h), dtype, scale=scale))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    targets = torch.randint(0, v, lead, generator=torch.Generator().manual_seed(seed))
+    targets = targets.int() if draw(st.booleans()) else targets
+    mask = draw(masks(lead)) if draw(st.booleans()) else None
+    if mask is not None:
+        targets = torch.where(mask, targets, torch.full_like(targets, v + 7))  # ignored where masked
+    temperature = draw(st.sampled_from([1.0, 0.5, 2.0, 1e-2]))
+    return hidden, weight, targets, mask, temperature
+
+
+@given(token_logprob_cases(), st.booleans())
+def test_fuzz_token_logprobs(case, entropy):
+    """Fused vs the float64 reference on the same (rounded) inputs: leading dims incl. empty ones,
+    broadcast/strided views, all-false and single-true masks with out-of-range ids under them, four
+    dtypes, small temperatures; values, entropy and both gradients; masked positions exactly 0."""
+    hidden, weight, targets, mask, temperature = case
+    hs, ws = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    out = prefcore.ops.token_logprobs(hs, ws, targets, mask=mask, temperature=temperature, return_entropy=entropy)
+    hr, wr = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    want = ref.token_logprobs(hr, wr, targets, mask=mask, temperature=temperature, return_entropy=entropy)
+    outs, wants = (out, want) if entropy else ((out,), (want,))
+    zmag = (hr.detach().abs().amax() if hr.numel() else torch.tensor(0.0)) * (
+        wr.detach().abs().amax() if wr.numel() else 0.0) * hidden.shape[-1] / temperature + 1
+    for got, w in zip(outs, wants):
+        assert got.dtype == (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+        assert got.shape == targets.shape and torch.isfinite(got).all()
+        if mask is not None:
+            assert (got[~mask] == 0).all()
+        assert_within(got, w, 64 * ACC_EPS[hidden.dtype] * float(zmag) * (1 + w.abs()), "token_logprobs")
+    if targets.numel():
+        total = sum(o.sum() for o in outs)
+        total_ref = sum(o.sum() for o in wants)
+        gh, gw = torch.autograd.grad(total, (hs, ws))
+        gh_r, gw_r = torch.autograd.grad(total_ref, (hr, wr))
+        for g, g_ref in zip((gh, gw), (gh_r, gw_r)):
+            assert torch.isfinite(g).all()
+            tol = 64 * ACC_EPS[hidden.dtype] * float(zmag) * (g_ref.abs().amax() + 1) + 2 * OUT_EPS[hidden.dtype] * g_ref.abs() + OUT_ABS[hidden.dtype]
+            assert_within(g, g_ref, tol, "token_logprobs grad")
+        if mask is not None:
+            assert (gh[~mask] == 0).all()
