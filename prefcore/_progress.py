@@ -12,6 +12,17 @@ import contextlib
 from collections.abc import Iterator
 
 
+def _quiet(lib, stack: contextlib.ExitStack) -> None:
+    """Bars off and verbosity ERROR for ``datasets``/``transformers``' logging module ``lib``;
+    ``stack`` restores both."""
+    bars, verbosity = lib.is_progress_bar_enabled(), lib.get_verbosity()
+    lib.disable_progress_bar()
+    lib.set_verbosity_error()
+    stack.callback(lib.set_verbosity, verbosity)
+    if bars:
+        stack.callback(lib.enable_progress_bar)
+
+
 @contextlib.contextmanager
 def library_output(progress: bool) -> Iterator[None]:
     """Within the block, the third-party bars and info/warning logs are off unless ``progress``."""
@@ -19,28 +30,11 @@ def library_output(progress: bool) -> Iterator[None]:
         yield
         return
     with contextlib.ExitStack() as stack:
-        try:
-            import datasets.utils.logging as ds_logging
-        except ImportError:  # pragma: no cover - datasets is a dependency
-            ds_logging = None
-        if ds_logging is not None:
-            bars, verbosity = ds_logging.is_progress_bar_enabled(), ds_logging.get_verbosity()
-            ds_logging.disable_progress_bar()
-            ds_logging.set_verbosity_error()
-            stack.callback(ds_logging.set_verbosity, verbosity)
-            if bars:
-                stack.callback(ds_logging.enable_progress_bar)
-        try:
-            from transformers.utils import logging as tf_logging
-        except ImportError:  # pragma: no cover - transformers is a dependency
-            tf_logging = None
-        if tf_logging is not None:
-            bars, verbosity = tf_logging.is_progress_bar_enabled(), tf_logging.get_verbosity()
-            tf_logging.disable_progress_bar()
-            tf_logging.set_verbosity_error()
-            stack.callback(tf_logging.set_verbosity, verbosity)
-            if bars:
-                stack.callback(tf_logging.enable_progress_bar)
+        import datasets.utils.logging as ds_logging  # both are prefcore dependencies
+        from transformers.utils import logging as tf_logging
+
+        for lib in (ds_logging, tf_logging):  # the two share one logging/progress-bar API
+            _quiet(lib, stack)
         try:
             from huggingface_hub import utils as hub_utils
         except ImportError:  # pragma: no cover

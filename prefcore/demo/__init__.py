@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     s = P.DemoSettings.quick() if cfg.quick else P.DemoSettings.full()
     progress = not cfg.no_progress
     runner = StageRunner(out)
-    base_key = {"seed": cfg.seed, "settings": P.settings_key(s)}
+    base_key = {"seed": cfg.seed, "settings": asdict(s)}
 
     world = runner.run("world", base_key, lambda d: P.stage_world(d, seed=cfg.seed, s=s, progress=progress))
     world_dir = out / "world"
@@ -92,10 +92,10 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     rm_dirs: dict[str, Path] = {}
     for method in P.RM_METHODS:
         name = f"rm-{method}"
-        flags = P.rm_flags(method, out=out / name, feedback=feedback_dir, world_dir=world_dir, seed=cfg.seed, s=s,
-                           progress=progress)
+        flags = P.rm_flags(method, out=out / name, feedback=feedback_dir, world_dir=world_dir, seed=cfg.seed, s=s)
         commands[name] = P.command_line("train-rm", flags)
-        runner.run(name, {**base_key, "flags": _portable(flags, out)}, lambda d, f=flags: P.stage_reward_model(d, f))
+        runner.run(name, {**base_key, "flags": _portable(flags, out)},
+                   lambda d, f=flags: P.stage_reward_model(d, f, progress=progress))
         rm_dirs[name] = out / name
 
     prompts_file = out / "feedback" / "train" / "prompts.jsonl"
@@ -103,16 +103,17 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     for utility in s.utilities:
         name = P._policy_name(utility)
         flags = P.policy_flags(utility, out=out / name, world_dir=world_dir, rm_dir=rm_dirs["rm-qrm"], seed=cfg.seed,
-                               s=s, progress=progress, prompts_file=prompts_file)
+                               s=s, prompts_file=prompts_file)
         commands[name] = P.command_line("train-policy", flags)
-        runner.run(name, {**base_key, "flags": _portable(flags, out)}, lambda d, f=flags: P.stage_policy(d, f))
+        runner.run(name, {**base_key, "flags": _portable(flags, out)},
+                   lambda d, f=flags: P.stage_policy(d, f, progress=progress))
         policy_dirs[name] = out / name / "policy"
 
     def stage_eval(d: Path) -> dict[str, Any]:
         from prefcore.data.text_world import TextWorld
 
         tw = TextWorld.load(world_dir / "policy")
-        models = P.policies_to_load(policy_dirs, world_dir / "policy")()
+        models = P.load_policies(policy_dirs, world_dir / "policy")
         prompts = [p for p in tw.prompts(s.eval_prompts, seed=cfg.seed * 1000 + 17) for _ in range(s.eval_samples)]
         pols = P.evaluate_policies(tw, tw.tokenizer, models, models["start"], prompts, seed=cfg.seed * 1000 + 19,
                                    max_new_tokens=s.max_completion_length)

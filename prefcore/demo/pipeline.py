@@ -18,8 +18,8 @@ Each stage is resumable (:mod:`prefcore.demo.stages`); the report is rebuilt fro
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +123,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 # ---- stage 3: reward models -------------------------------------------------------------------
 
-def rm_flags(method: str, *, out: Path, feedback: Path, world_dir: Path, seed: int, s: DemoSettings,
-             progress: bool) -> list[str]:
+def rm_flags(method: str, *, out: Path, feedback: Path, world_dir: Path, seed: int, s: DemoSettings) -> list[str]:
     """The ``prefcore train-rm`` flags of one reward model (the demo parses and runs exactly these)."""
     train = feedback / "train"
     data = train / ("pairs.jsonl" if method == "bt" else "ratings.jsonl")
@@ -135,16 +134,14 @@ def rm_flags(method: str, *, out: Path, feedback: Path, world_dir: Path, seed: i
         flags += ["--pairs", str(train / "pairs.jsonl"), "--gate_steps", str(s.gate_steps), "--trunk_layers", "1"]
     if method == "gmm":
         flags += ["--k", "3"]
-    if not progress:
-        flags += ["--progress", "false"]
     return flags
 
 
-def stage_reward_model(out: Path, flags: Sequence[str]) -> dict[str, Any]:
+def stage_reward_model(out: Path, flags: Sequence[str], *, progress: bool) -> dict[str, Any]:
     from prefcore.cli import parse_train_rm
     from prefcore.train.rm import train_reward_model
 
-    cfg = parse_train_rm(flags)
+    cfg = parse_train_rm([*flags, *([] if progress else ["--progress", "false"])])
     report = train_reward_model(cfg)
     return {"report": report}
 
@@ -152,7 +149,7 @@ def stage_reward_model(out: Path, flags: Sequence[str]) -> dict[str, Any]:
 # ---- stage 4: RLOO ----------------------------------------------------------------------------
 
 def policy_flags(utility: str, *, out: Path, world_dir: Path, rm_dir: Path, seed: int, s: DemoSettings,
-                 progress: bool, prompts_file: Path) -> list[str]:
+                 prompts_file: Path) -> list[str]:
     """The ``prefcore train-policy`` flags of one RLOO run (the demo parses and runs exactly these)."""
     flags = ["--algo", "rloo", "--model_name_or_path", str(world_dir / "policy"), "--reward_model", str(rm_dir),
              "--utility", utility, "--dataset", str(prompts_file), "--output_dir", str(out),
@@ -160,16 +157,14 @@ def policy_flags(utility: str, *, out: Path, world_dir: Path, rm_dir: Path, seed
              "--num_generations", str(s.num_generations), "--max_completion_length", str(s.max_completion_length),
              "--learning_rate", str(s.learning_rate), "--kl_coef", str(s.kl_coef), "--seed", str(seed),
              "--save_steps", str(max(1, s.rloo_steps // 2)), "--device", "cpu"]
-    if not progress:
-        flags += ["--no_progress", "true"]
     return flags
 
 
-def stage_policy(out: Path, flags: Sequence[str]) -> dict[str, Any]:
-    from prefcore.train.policy.cli import parse_train_policy
+def stage_policy(out: Path, flags: Sequence[str], *, progress: bool) -> dict[str, Any]:
     from prefcore.train.policy import train_policy
+    from prefcore.train.policy.cli import parse_train_policy
 
-    cfg = parse_train_policy(flags)
+    cfg = parse_train_policy([*flags, *([] if progress else ["--no_progress", "true"])])
     summary = train_policy(cfg)
     return {"summary": summary}
 
@@ -271,17 +266,9 @@ def command_line(prog: str, flags: Sequence[str]) -> str:
     return f"prefcore {prog} " + shlex.join(list(flags))
 
 
-def settings_key(s: DemoSettings) -> dict[str, Any]:
-    return asdict(s)
+def load_policies(policy_dirs: dict[str, Path], start_dir: Path) -> dict[str, Any]:
+    """The start policy and each trained policy, by name (start first)."""
+    from prefcore.data.text_world import TextWorld
 
-
-def policies_to_load(policy_dirs: dict[str, Path], start_dir: Path) -> Callable[[], dict[str, Any]]:
-    def load() -> dict[str, Any]:
-        from prefcore.data.text_world import TextWorld
-
-        out = {"start": TextWorld.load_policy(start_dir)}
-        for name, path in policy_dirs.items():
-            out[name] = TextWorld.load_policy(path)
-        return out
-
-    return load
+    return {"start": TextWorld.load_policy(start_dir),
+            **{name: TextWorld.load_policy(path) for name, path in policy_dirs.items()}}

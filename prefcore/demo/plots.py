@@ -2,7 +2,7 @@
 numbers (lists/dicts read from the run's JSON files) and writes one PNG."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 
@@ -38,24 +38,34 @@ def rating_distributions(path: Path, panels: Sequence[Mapping]) -> None:
     plt.close(fig)
 
 
-def left_tail_quantiles(path: Path, curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]]) -> None:
-    """QRM Fig. 3: the reward model's predicted left-tail quantiles (τ ≤ 0.25) of the sampled
-    completions over RLOO training, one panel per level. ``curves[utility][tau] = [[step, value], …]``."""
+def _step_panels(path: Path, curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], *,
+                 order: Callable[[str], object], title: Callable[[str], str], ylabel: str | None) -> None:
+    """One panel per key of the inner mappings (sorted by ``order``), one line per utility:
+    ``curves[utility][key] = [[step, value], …]`` over RLOO steps."""
     plt = _pyplot()
-    taus = sorted({tau for per in curves.values() for tau in per}, key=float)
-    fig, axes = plt.subplots(1, max(1, len(taus)), figsize=(4.0 * max(1, len(taus)), 3.3), squeeze=False)
-    for ax, tau in zip(axes[0], taus):
+    keys = sorted({k for per in curves.values() for k in per}, key=order)
+    n = max(1, len(keys))
+    fig, axes = plt.subplots(1, n, figsize=(4.0 * n, 3.3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
         for utility, per in curves.items():
-            pts = per.get(tau, [])
+            pts = per.get(key, [])
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.3, label=utility)
-        ax.set_title(f"predicted quantile τ = {tau}", fontsize=9)
+        ax.set_title(title(key), fontsize=9)
         ax.set_xlabel("RLOO step")
-    axes[0][0].set_ylabel("reward-model quantile")
+    if ylabel:
+        axes[0][0].set_ylabel(ylabel)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def left_tail_quantiles(path: Path, curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]]) -> None:
+    """QRM Fig. 3: the reward model's predicted left-tail quantiles (τ ≤ 0.25) of the sampled
+    completions over RLOO training, one panel per level. ``curves[utility][tau] = [[step, value], …]``."""
+    _step_panels(path, curves, order=float, title=lambda tau: f"predicted quantile τ = {tau}",
+                 ylabel="reward-model quantile")
 
 
 def risk_tradeoff(path: Path, points: Sequence[Mapping]) -> None:
@@ -66,7 +76,7 @@ def risk_tradeoff(path: Path, points: Sequence[Mapping]) -> None:
     for p in points:
         ax.scatter([p["crr"]], [p["mean_rating"]], s=36)
         ax.annotate(p["name"], (p["crr"], p["mean_rating"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("CRR (true: P(some annotator type rates < −0.7))")
+    ax.set_xlabel("CRR (share of completions some annotator type rates < −0.7 on average)")
     ax.set_ylabel("true mean rating")
     ax.set_title("risk trade-off on the true population", fontsize=9)
     fig.tight_layout()
@@ -76,17 +86,4 @@ def risk_tradeoff(path: Path, points: Sequence[Mapping]) -> None:
 
 def training_curves(path: Path, curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]]) -> None:
     """Reward/utility and KL per RLOO step for each utility. ``curves[utility][metric] = [[step, v], …]``."""
-    plt = _pyplot()
-    metrics = sorted({m for per in curves.values() for m in per})
-    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.0 * max(1, len(metrics)), 3.3), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for utility, per in curves.items():
-            pts = per.get(metric, [])
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.3, label=utility)
-        ax.set_title(metric, fontsize=9)
-        ax.set_xlabel("RLOO step")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _step_panels(path, curves, order=str, title=str, ylabel=None)

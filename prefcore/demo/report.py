@@ -28,7 +28,8 @@ MEANINGS = """\
 - **true mean rating**: the population's exact expected rating of a sampled completion (the
   simulated annotator types weighted by their share), averaged over held-out prompts and samples.
 - **CRR** (catastrophic-response rate, DFL §4.3): the fraction of sampled completions that some
-  annotator type rates below −0.7 — computed from the exact ground truth, not from samples.
+  annotator type rates below −0.7 in expectation — computed from the exact ground truth, not from
+  sampled ratings.
 - **PMR vs start** (preference-matching rate): the fraction of held-out prompts on which the
   population prefers this policy's completion to the starting policy's (higher true mean rating;
   ties count ½). The starting policy scores 0.5 against itself by definition.
