@@ -48,3 +48,22 @@ def stored_backbone(run_dir: str | os.PathLike[str]) -> str | None:
     """``RUN/backbone`` when the run holds a complete backbone directory (``config.json`` in it), else None."""
     path = os.path.join(os.fspath(run_dir), BACKBONE_DIR)
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+REWARD_STATS = "reward_stats.json"
+
+
+def write_reward_stats(run_dir: str | os.PathLike[str], rewards) -> dict:
+    """Store the mean and standard deviation of the trained model's scalar rewards (its mean reward,
+    on the training texts) in ``RUN/reward_stats.json``, as OpenRLHF does, so an RL trainer can
+    normalise rewards: ``{"mean", "std", "count"}`` (population std, float64 sums)."""
+    import torch
+
+    from prefcore._io import atomic_write_json
+
+    r = torch.as_tensor(rewards).detach().double().flatten()
+    if r.numel() == 0 or not bool(torch.isfinite(r).all()):
+        raise ValueError(f"rewards for reward_stats must be a non-empty finite set, got {r.numel()} values")
+    stats = {"mean": float(r.mean()), "std": float(r.std(unbiased=False)), "count": int(r.numel())}
+    atomic_write_json(os.path.join(os.fspath(run_dir), REWARD_STATS), stats)
+    return stats
