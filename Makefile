@@ -10,13 +10,14 @@ CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.in
 DEPS_STAMP := $(VENV)/.prefcore-deps
 EXT_STAMP := prefcore/.ext-built
 
-.PHONY: demo demo-quick test build cuda-check bench bench-smoke bench-table clean help
+.PHONY: demo demo-quick test build cuda-check gpu-check bench bench-smoke bench-table clean help
 
 help:
 	@echo "make demo        set up .venv and the build, then run the whole pipeline (prefcore demo, <= 10 min on 2 cores)"
 	@echo "make test        set up .venv, build prefcore._C, compile-check CUDA sources, run pytest"
 	@echo "make build       (re)build the native extension in place (incremental)"
 	@echo "make cuda-check  nvcc -c every csrc/cuda/*.cu against torch's headers (no link)"
+	@echo "make gpu-check   on a GPU machine: build the CUDA extension, run the CUDA tests, bench, 2 bf16 policy steps"
 	@echo "make bench       time every op in ordinary processes; writes bench/results/<machine>-<date>.json"
 	@echo "make bench-smoke run bench/test_bench.py once at tiny sizes (part of make test)"
 	@echo "make bench-table regenerate README.md's benchmark table from bench/results/*.json"
@@ -42,6 +43,12 @@ build: $(EXT_STAMP)
 
 cuda-check: $(DEPS_STAMP)
 	$(PY) tools/check_cuda.py
+
+# On a GPU machine (tools/gpu_check.py; README "GPU check"). No .venv prerequisite: it builds
+# against the machine's own CUDA torch (the .venv's python if there is one, else $(PYTHON)).
+GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) tools/gpu_check.py
 
 # The main job: the papers' story end to end on the embedded text world (report in runs/demo/).
 # DEMO_ARGS passes flags through, e.g. `make demo DEMO_ARGS="--seed 1 --out runs/demo-s1"`.

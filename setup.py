@@ -16,6 +16,9 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MIN_TORCH = Version("2.4")
+# The CUDA kernels need at::mm / at::addmm with a float32 out_dtype for bf16/fp16 operands
+# (csrc/cuda/token_logprobs.cu), which torch has only from 2.8.
+MIN_TORCH_CUDA = Version("2.8")
 
 
 def _want_cuda() -> bool:
@@ -31,7 +34,8 @@ def _openmp_flags() -> list[str]:
 
 
 def _extension():
-    if Version(torch.__version__.split("+")[0]) < MIN_TORCH:
+    found = Version(torch.__version__.split("+")[0])
+    if found < MIN_TORCH:
         raise RuntimeError(f"prefcore needs torch>={MIN_TORCH}, found {torch.__version__}")
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = ["csrc/ops.cpp", *rel("csrc/cpu/*.cpp")]
@@ -41,6 +45,10 @@ def _extension():
     cxx = ["-O3", "-fno-math-errno", "-Wno-psabi", *_openmp_flags()]
     link = _openmp_flags()
     if _want_cuda():
+        if found < MIN_TORCH_CUDA:
+            raise RuntimeError(
+                f"prefcore's CUDA build needs torch>={MIN_TORCH_CUDA} (mm/addmm with a float32 out_dtype), found "
+                f"{torch.__version__}; upgrade torch, or build the CPU kernels only with PREFCORE_CUDA=0")
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         return CUDAExtension(

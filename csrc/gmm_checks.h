@@ -11,12 +11,14 @@
 #include <ATen/ops/logical_not.h>
 #include <ATen/ops/lt.h>
 #include <ATen/ops/nonzero.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/sum.h>
 
 #include <atomic>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "common.h"
 #include "prefcore/gmm_math.h"
@@ -92,39 +94,39 @@ inline std::string describe_first(const at::Tensor& t, const at::Tensor& bad, co
   return msg.str();
 }
 
-inline void check_finite_values(const at::Tensor& t, const char* name, const char* col_name) {
-  if (t.numel() == 0) return;
-  const at::Tensor bad = at::logical_not(at::isfinite(t));
-  if (bad.any().item<bool>()) TORCH_CHECK(false, describe_first(t, bad, name, "finite", col_name));
-}
+inline at::Tensor nonfinite(const at::Tensor& t) { return at::logical_not(at::isfinite(t)); }
 
 // Raises the first value error of p (parameters, then points, then weights); returns if none.
+// Every check is reduced on the tensors' device and the flags are stacked, so a valid input
+// costs one host sync (on CUDA); only a failing check syncs again to describe its first value.
 inline void check_gmm_values(const GmmInputs& p) {
-  check_finite_values(p.logits, "logits", "component");
-  check_finite_values(p.mu, "mu", "component");
-  check_finite_values(p.log_sigma, "log_sigma", "component");
-  if (p.log_sigma.numel() > 0) {
-    const double lo = p.log_sigma.scalar_type() == at::kDouble ? kMinLogSigma<double> : kMinLogSigma<float>;
-    const at::Tensor small = at::lt(p.log_sigma, lo);
-    if (small.any().item<bool>()) {
-      std::ostringstream what;
-      what << ">= " << lo << " (1/sigma = exp(-log_sigma) must be finite in the accumulation dtype)";
-      TORCH_CHECK(false, describe_first(p.log_sigma, small, "log_sigma", what.str().c_str(), "component"));
-    }
+  const double lo = p.log_sigma.scalar_type() == at::kDouble ? kMinLogSigma<double> : kMinLogSigma<float>;
+  const bool weighted = p.weights.defined();
+  const at::Tensor bad_w =
+      weighted ? nonfinite(p.weights).logical_or_(at::lt(p.weights, 0.0)) : at::Tensor();
+  const at::Tensor inf_total = weighted ? nonfinite(at::sum(p.weights, {1})) : at::Tensor();
+  std::vector<at::Tensor> flags{nonfinite(p.logits).any(), nonfinite(p.mu).any(), nonfinite(p.log_sigma).any(),
+                                at::lt(p.log_sigma, lo).any(), nonfinite(p.points).any()};
+  if (weighted) {
+    flags.push_back(bad_w.any());
+    flags.push_back(inf_total.any());
   }
-  check_finite_values(p.points, "points", "point");
-  if (p.weights.defined() && p.weights.numel() > 0) {
-    const at::Tensor bad = at::logical_not(at::isfinite(p.weights)).logical_or_(at::lt(p.weights, 0.0));
-    if (bad.any().item<bool>()) {
-      TORCH_CHECK(false, describe_first(p.weights, bad, "weights", "finite and non-negative", "point"));
-    }
-    const at::Tensor totals = at::sum(p.weights, {1});
-    const at::Tensor inf_total = at::logical_not(at::isfinite(totals));
-    if (inf_total.any().item<bool>()) {
-      const int64_t r = at::nonzero(inf_total).select(0, 0).cpu()[0].item<int64_t>();
-      TORCH_CHECK(false, "weights must have a finite sum per row (each row is normalised to sum 1), "
-                  "got a sum that overflows at row ", r);
-    }
+  const at::Tensor any = at::stack(flags).cpu();  // the one sync
+  const bool* f = any.const_data_ptr<bool>();
+  if (f[0]) TORCH_CHECK(false, describe_first(p.logits, nonfinite(p.logits), "logits", "finite", "component"));
+  if (f[1]) TORCH_CHECK(false, describe_first(p.mu, nonfinite(p.mu), "mu", "finite", "component"));
+  if (f[2]) TORCH_CHECK(false, describe_first(p.log_sigma, nonfinite(p.log_sigma), "log_sigma", "finite", "component"));
+  if (f[3]) {
+    std::ostringstream what;
+    what << ">= " << lo << " (1/sigma = exp(-log_sigma) must be finite in the accumulation dtype)";
+    TORCH_CHECK(false, describe_first(p.log_sigma, at::lt(p.log_sigma, lo), "log_sigma", what.str().c_str(), "component"));
+  }
+  if (f[4]) TORCH_CHECK(false, describe_first(p.points, nonfinite(p.points), "points", "finite", "point"));
+  if (weighted && f[5]) TORCH_CHECK(false, describe_first(p.weights, bad_w, "weights", "finite and non-negative", "point"));
+  if (weighted && f[6]) {
+    const int64_t r = at::nonzero(inf_total).select(0, 0).cpu()[0].item<int64_t>();
+    TORCH_CHECK(false, "weights must have a finite sum per row (each row is normalised to sum 1), "
+                "got a sum that overflows at row ", r);
   }
 }
 

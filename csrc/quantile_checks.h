@@ -2,6 +2,7 @@
 // Argument validation of the quantile op family, shared by the CPU and CUDA launchers.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/aminmax.h>
+#include <ATen/ops/stack.h>
 
 #include <cmath>
 #include <optional>
@@ -34,8 +35,10 @@ inline PinballInputs prepare_pinball(const at::Tensor& pred, const at::Tensor& t
   TORCH_CHECK(std::isfinite(kappa) && kappa >= 0.0, "kappa must be a finite number >= 0, got ",
               kappa);
   {
+    // One reduction and one host sync (a device taus would otherwise sync twice).
     const auto [lo, hi] = at::aminmax(taus);
-    const double lo_v = lo.item<double>(), hi_v = hi.item<double>();
+    const at::Tensor range = at::stack({lo, hi}).to(at::kDouble).cpu();
+    const double lo_v = range.const_data_ptr<double>()[0], hi_v = range.const_data_ptr<double>()[1];
     TORCH_CHECK(lo_v > 0.0 && hi_v < 1.0,
                 "taus must lie strictly inside (0, 1), got values in [", lo_v, ", ", hi_v, "]");
   }

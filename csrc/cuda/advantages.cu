@@ -53,6 +53,9 @@ struct DevArgs {
   acc_t* __restrict__ row_count;        // (B,) valid tokens (rloo/grpo)
   acc_t* __restrict__ row_value;        // (B,) A (rloo/grpo)
   Moments<double>* __restrict__ moments;  // (B,) when whitening, else nullptr
+  // (B, T) gae advantages in float64 when whitening float64 inputs, else nullptr: as on the CPU,
+  // the moments and the whitening read them before their rounding to the float32 output.
+  acc_t* __restrict__ adv_acc;
 };
 
 template <KlEstimator kEst, typename acc_t>
@@ -244,9 +247,10 @@ __global__ void gae_kernel(DevArgs<scalar_t, acc_t> a) {
         st = gae_step<acc_t, acc_t>(st, r[j], v[j], a.gamma, a.gamma_lam);
         A = static_cast<float>(st.g);
         Rt = static_cast<float>(st.g + v[j]);
-        sum += static_cast<double>(A);
+        sum += a.adv_acc != nullptr ? static_cast<double>(st.g) : static_cast<double>(A);
         ++cnt;
       }
+      if (a.adv_acc != nullptr) a.adv_acc[off + t] = m[j] ? st.g : acc_t(0);
       a.adv[off + t] = A;
       a.ret[off + t] = Rt;
       a.tr[off + t] = static_cast<float>(r[j]);
@@ -265,7 +269,8 @@ __global__ void gae_kernel(DevArgs<scalar_t, acc_t> a) {
   __syncwarp();  // this warp's adv stores are visible to its own lanes below
   double m2 = 0.0;
   for (int64_t t = lane; t < T; t += kWarp) {
-    const double dv = mk[t] ? static_cast<double>(a.adv[off + t]) - mean : 0.0;
+    const double x = a.adv_acc != nullptr ? static_cast<double>(a.adv_acc[off + t]) : static_cast<double>(a.adv[off + t]);
+    const double dv = mk[t] ? x - mean : 0.0;
     m2 += dv * dv;
   }
   m2 = warp_sum(m2);
@@ -392,6 +397,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_penalized_advantag
   const auto acc = opmath_dtype(p.logprobs);
   at::Tensor rows = at::empty({gae ? 0 : 3 * p.B}, p.logprobs.options().dtype(acc));
   at::Tensor moments = at::empty({whiten ? 3 * p.B : 0}, p.logprobs.options().dtype(at::kDouble));
+  const bool keep_acc = gae && whiten && acc == at::kDouble;
+  at::Tensor adv_acc = at::empty({keep_acc ? p.B * p.T : 0}, p.logprobs.options().dtype(at::kDouble));
   at::Tensor scratch;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 row_grid(static_cast<unsigned>(std::max<int64_t>(1, (p.B + kWarpsPerBlock - 1) / kWarpsPerBlock)));
@@ -407,7 +414,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_penalized_advantag
         static_cast<acc_t>(p.kl_clamp), adv.mutable_data_ptr<float>(), ret.mutable_data_ptr<float>(),
         tr.mutable_data_ptr<float>(), kl.mutable_data_ptr<float>(), rv, rv ? rv + p.B : nullptr,
         rv ? rv + 2 * p.B : nullptr,
-        whiten ? reinterpret_cast<Moments<double>*>(moments.mutable_data_ptr<double>()) : nullptr};
+        whiten ? reinterpret_cast<Moments<double>*>(moments.mutable_data_ptr<double>()) : nullptr,
+        keep_acc ? reinterpret_cast<acc_t*>(adv_acc.mutable_data_ptr<double>()) : nullptr};
     if (p.B == 0) return;
     with_estimator(p.estimator, [&](auto est) {
       constexpr KlEstimator kEst = decltype(est)::value;
@@ -431,6 +439,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_penalized_advantag
     if (!gae) {
       broadcast_kernel<acc_t><<<elem_blocks(n), kElemThreads, 0, stream>>>(a.mask, a.row_value, n, p.T, affine,
                                                                            a.adv, a.ret);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (keep_acc) {
+      apply_whiten_kernel<double, float, double><<<elem_blocks(n), kElemThreads, 0, stream>>>(
+          adv_acc.const_data_ptr<double>(), a.mask, n, affine, a.adv);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (whiten) {
       apply_whiten_kernel<float, float, float><<<elem_blocks(n), kElemThreads, 0, stream>>>(a.adv, a.mask, n, affine, a.adv);

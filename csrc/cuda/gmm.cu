@@ -1,5 +1,6 @@
 // CUDA kernels of the Gaussian-mixture op family: gmm_nll and _gmm_nll_backward (DESIGN §3.2).
-// One warp per row; the row's K components are prepared once into shared memory; lanes stride
+// One warp per row; the row's K components are prepared once into shared memory (opted in up to
+// the device's maximum; beyond it, a global scratch buffer, so any K runs); lanes stride
 // over the row's points; warp-shuffle reductions (deterministic, no atomics); fp32 accumulation
 // (fp64 for fp64); 64-bit indexing. Maths from prefcore/gmm_math.h (shared with the CPU path).
 //
@@ -21,6 +22,7 @@
 #include "common.h"
 #include "gmm_checks.h"
 #include "prefcore/gmm_math.h"
+#include "cuda/smem.cuh"
 #include "cuda/warp.cuh"
 
 namespace prefcore::cuda {
@@ -102,14 +104,22 @@ __device__ acc_t row_weight_total(const GmmArgs<acc_t>& a, int64_t b, int lane) 
   return warp_sum(t);
 }
 
+// The row's component buffer: shared memory (per warp), or row b's slice of `global` (B, K) when
+// the components of kWarpsPerBlock rows do not fit a block's shared memory.
 template <typename acc_t>
-__global__ void gmm_forward_kernel(GmmArgs<acc_t> a) {
+__device__ __forceinline__ GmmComponent<acc_t>* row_components(unsigned char* smem_raw, GmmComponent<acc_t>* global,
+                                                               int warp, int64_t b, int64_t K) {
+  return global != nullptr ? global + b * K : reinterpret_cast<GmmComponent<acc_t>*>(smem_raw) + static_cast<int64_t>(warp) * K;
+}
+
+template <typename acc_t>
+__global__ void gmm_forward_kernel(GmmArgs<acc_t> a, GmmComponent<acc_t>* global_comp) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (b >= a.B) return;
-  GmmComponent<acc_t>* comp = reinterpret_cast<GmmComponent<acc_t>*>(smem_raw) + static_cast<int64_t>(warp) * a.K;
+  GmmComponent<acc_t>* comp = row_components(smem_raw, global_comp, warp, b, a.K);
   const acc_t total = row_weight_total(a, b, lane);
   if (!(total > acc_t(0))) {  // all-zero weights: loss 0 (DESIGN §3.2)
     if (lane == 0) {
@@ -136,16 +146,18 @@ __global__ void gmm_forward_kernel(GmmArgs<acc_t> a) {
 }
 
 template <typename acc_t>
-__global__ void gmm_backward_kernel(GmmArgs<acc_t> a) {
+__global__ void gmm_backward_kernel(GmmArgs<acc_t> a, GmmComponent<acc_t>* global_comp) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (b >= a.B) return;
-  GmmComponent<acc_t>* comp = reinterpret_cast<GmmComponent<acc_t>*>(smem_raw) + static_cast<int64_t>(warp) * a.K;
+  GmmComponent<acc_t>* comp = row_components(smem_raw, global_comp, warp, b, a.K);
   const int64_t K = a.K;
   const acc_t total = row_weight_total(a, b, lane);
-  if (!(total > acc_t(0))) {  // all-zero weights: zero gradient
+  // All-zero weights: zero gradient. One-point normalised grid: q ≡ 1, the forward is exactly 0
+  // for every parameter value, so its gradient is exactly 0 (as on the CPU).
+  if (!(total > acc_t(0)) || (a.normalize && a.P == 1)) {
     for (int64_t k = lane; k < K; k += kWarp) a.dlogits[b * K + k] = a.dmu[b * K + k] = a.dlog_sigma[b * K + k] = acc_t(0);
     return;
   }
@@ -196,15 +208,24 @@ __global__ void gmm_backward_kernel(GmmArgs<acc_t> a) {
   }
 }
 
-template <typename acc_t>
-size_t smem_bytes(const GmmInputs& p) {
-  const size_t bytes = sizeof(GmmComponent<acc_t>) * static_cast<size_t>(p.K) * kWarpsPerBlock;
-  TORCH_CHECK(bytes <= 48 * 1024, "gmm_nll on CUDA supports up to ",
-              48 * 1024 / (sizeof(GmmComponent<acc_t>) * kWarpsPerBlock), " components for this dtype, got K = ", p.K);
-  return bytes;
-}
-
 unsigned blocks_for(int64_t rows) { return static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock); }
+
+// Launches `kernel` with the rows' components in shared memory when they fit a block (opting in
+// beyond 48 KiB), else in a (B, K) global scratch buffer.
+template <typename acc_t, typename Kernel>
+void launch_gmm(Kernel kernel, const GmmArgs<acc_t>& a, const at::Tensor& like) {
+  const size_t bytes = sizeof(GmmComponent<acc_t>) * static_cast<size_t>(a.K) * kWarpsPerBlock;
+  at::Tensor scratch;
+  GmmComponent<acc_t>* global = nullptr;
+  size_t smem = bytes;
+  if (!fit_dynamic_smem(kernel, bytes)) {
+    scratch = at::empty({static_cast<int64_t>(sizeof(GmmComponent<acc_t>)) * a.B * a.K}, like.options().dtype(at::kByte));
+    global = reinterpret_cast<GmmComponent<acc_t>*>(scratch.mutable_data_ptr<uint8_t>());
+    smem = 0;
+  }
+  kernel<<<blocks_for(a.B), kWarp * kWarpsPerBlock, smem, c10::cuda::getCurrentCUDAStream()>>>(a, global);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 std::tuple<at::Tensor, at::Tensor> gmm_nll_cuda(const at::Tensor& logits, const at::Tensor& mu,
                                                 const at::Tensor& log_sigma, const at::Tensor& points,
@@ -221,9 +242,7 @@ std::tuple<at::Tensor, at::Tensor> gmm_nll_cuda(const at::Tensor& logits, const 
     auto a = make_gmm_args<scalar_t>(p, l, m, s);
     a.loss = loss.mutable_data_ptr<scalar_t>();
     a.total = total.mutable_data_ptr<scalar_t>();
-    gmm_forward_kernel<scalar_t><<<blocks_for(p.B), kWarp * kWarpsPerBlock, smem_bytes<scalar_t>(p),
-                                   c10::cuda::getCurrentCUDAStream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_gmm<scalar_t>(gmm_forward_kernel<scalar_t>, a, l);
   });
   return {loss, total};
 }
@@ -247,9 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gmm_nll_backward_cuda(
       a.dlogits = dl.mutable_data_ptr<scalar_t>();
       a.dmu = dm.mutable_data_ptr<scalar_t>();
       a.dlog_sigma = ds.mutable_data_ptr<scalar_t>();
-      gmm_backward_kernel<scalar_t><<<blocks_for(p.B), kWarp * kWarpsPerBlock, smem_bytes<scalar_t>(p),
-                                      c10::cuda::getCurrentCUDAStream()>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_gmm<scalar_t>(gmm_backward_kernel<scalar_t>, a, l);
     });
   }
   const auto out = logits.scalar_type();

@@ -15,6 +15,7 @@
 #include "common.h"
 #include "prefcore/quantile_math.h"
 #include "quantile_checks.h"
+#include "cuda/smem.cuh"
 #include "cuda/warp.cuh"
 
 namespace prefcore::cuda {
@@ -41,7 +42,9 @@ __global__ void pinball_kernel(const scalar_t* __restrict__ pred, const acc_t* _
   for (int64_t n = lane; n < N; n += kWarp) nv += (mr == nullptr || mr[n]) ? 1 : 0;
   nv = warp_sum(nv);
   const acc_t scale = nv > 0 ? acc_t(1) / (static_cast<acc_t>(nv) * static_cast<acc_t>(Q)) : acc_t(0);
-  const acc_t gs = grad_rows ? grad_rows[row] * scale : scale;
+  // A row with no valid target has loss 0 and gradient 0 whatever its upstream gradient (as on
+  // the CPU): g·grad_rows·0 would be NaN for an inf/NaN grad_rows.
+  const acc_t gs = nv == 0 ? acc_t(0) : (grad_rows ? grad_rows[row] * scale : scale);
   acc_t lsum = acc_t(0);
   for (int64_t q = lane; q < Q; q += kWarp) {
     const acc_t p = static_cast<acc_t>(pred[row * Q + q]);
@@ -121,7 +124,8 @@ at::Tensor pinball_loss_backward_cuda(const at::Tensor& grad_rows, const at::Ten
 }
 
 // ---- exp_utility --------------------------------------------------------------------------
-// Each warp keeps its row's mixed quantiles in shared memory (Q values), computes the
+// Each warp keeps its row's mixed quantiles in shared memory (Q values; opted in up to the
+// device's maximum, beyond it row b's slice of a (B, Q) global scratch `xbuf`), computes the
 // utility / certainty equivalent and w_q = ∂out/∂Q_mix_q, then writes the output (forward) or
 // the gradients (backward).
 template <bool kBackward, typename scalar_t, typename acc_t>
@@ -129,14 +133,14 @@ __global__ void utility_kernel(const scalar_t* __restrict__ quantiles, const sca
                                const acc_t* __restrict__ lam, bool lam_per_row, int64_t B, int64_t M,
                                int64_t Q, int kind, const scalar_t* __restrict__ grad,
                                scalar_t* __restrict__ out, scalar_t* __restrict__ grad_q,
-                               scalar_t* __restrict__ grad_gate) {
+                               scalar_t* __restrict__ grad_gate, acc_t* __restrict__ xbuf) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (b >= B) return;
-  acc_t* x = smem + static_cast<int64_t>(warp) * Q;
+  acc_t* x = xbuf != nullptr ? xbuf + b * Q : smem + static_cast<int64_t>(warp) * Q;
   for (int64_t q = lane; q < Q; q += kWarp) {
     acc_t v = acc_t(0);
     if (gate == nullptr) {
@@ -216,16 +220,22 @@ void launch_utility(const UtilityInputs& p, const at::Tensor* grad, at::Tensor* 
                     at::Tensor* grad_gate) {
   using acc_t = at::opmath_type<scalar_t>;
   if (p.B == 0) return;
-  const size_t smem = sizeof(acc_t) * static_cast<size_t>(p.Q) * kWarpsPerBlock;
-  TORCH_CHECK(smem <= 48 * 1024, "exp_utility on CUDA supports up to ", 48 * 1024 / (sizeof(acc_t) * kWarpsPerBlock),
-              " quantiles per row for this dtype, got Q = ", p.Q);
+  size_t smem = sizeof(acc_t) * static_cast<size_t>(p.Q) * kWarpsPerBlock;
+  const auto kernel = utility_kernel<kBackward, scalar_t, acc_t>;
+  at::Tensor scratch;
+  acc_t* xbuf = nullptr;
+  if (!fit_dynamic_smem(kernel, smem)) {
+    scratch = at::empty({p.B * p.Q}, p.quantiles.options().dtype(opmath_dtype(p.quantiles)));
+    xbuf = scratch.mutable_data_ptr<acc_t>();
+    smem = 0;
+  }
   auto stream = c10::cuda::getCurrentCUDAStream();
-  utility_kernel<kBackward, scalar_t, acc_t><<<static_cast<unsigned>(blocks_for(p.B)), kWarp * kWarpsPerBlock, smem, stream>>>(
+  kernel<<<static_cast<unsigned>(blocks_for(p.B)), kWarp * kWarpsPerBlock, smem, stream>>>(
       p.quantiles.const_data_ptr<scalar_t>(), p.gate.defined() ? p.gate.const_data_ptr<scalar_t>() : nullptr,
       p.lam.const_data_ptr<acc_t>(), p.lam.size(0) != 1 || p.B == 1, p.B, p.M, p.Q, static_cast<int>(p.kind),
       grad ? grad->const_data_ptr<scalar_t>() : nullptr, out ? out->mutable_data_ptr<scalar_t>() : nullptr,
       grad_q ? grad_q->mutable_data_ptr<scalar_t>() : nullptr,
-      (grad_gate && grad_gate->numel() > 0) ? grad_gate->mutable_data_ptr<scalar_t>() : nullptr);
+      (grad_gate && grad_gate->numel() > 0) ? grad_gate->mutable_data_ptr<scalar_t>() : nullptr, xbuf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

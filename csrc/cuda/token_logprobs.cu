@@ -7,9 +7,15 @@
 // so logits accumulate and land in float32), then a fused epilogue kernel consumes the tile:
 //   forward  — one block per row: block max, Σ exp, Σ exp·(z − m), merged into the token's
 //              online log-sum-exp state (prefcore/token_logprobs_math.h), plus the target logit;
-//   backward — elementwise ∂L/∂z/T written in the input dtype, then
-//              grad_hidden += dz · W_tile and grad_weight[tile] = Σ_blocks dzᵀ · h_block,
-//              accumulated in float32 (cuBLAS float32-output products for bf16/fp16).
+//   backward — elementwise ∂L/∂z/T written in float32 (float64 for float64) over the logits
+//              tile in place, then grad_hidden += dz · W_tile and grad_weight[tile] =
+//              Σ_blocks dzᵀ · h_block as float32 GEMMs for every input dtype: with a mean loss
+//              over many tokens dz is ~1e-9, below float16's smallest subnormal (6e-8), so a dz
+//              rounded to the input dtype would drop the −E_p[W] term (the CPU path's choice too).
+//              bf16/fp16 hidden and weight tiles are widened to float32 for these GEMMs.
+// Float32 GEMMs follow torch's float32 matmul precision (torch.backends.cuda.matmul.allow_tf32,
+// torch.set_float32_matmul_precision): full float32 by default, TF32 only if the caller enabled
+// it. The float32-output bf16/fp16 products (at::mm with out_dtype) need torch >= 2.8 (setup.py).
 // The target-range check is one device reduction and one host sync (which also yields the
 // number of valid tokens for nonzero_static, so gathering costs no second sync).
 #include <ATen/Dispatch.h>
@@ -111,9 +117,10 @@ __global__ void finish_kernel(int64_t n, const int64_t* __restrict__ idx, const 
   if (ent != nullptr) ent[o] = lse_entropy(st);
 }
 
-// dz[e] = ∂L/∂x (already /T) in the input dtype for the (rows, cols) tile at rows r0.., cols v0..
-template <bool kEnt, typename scalar_t, typename acc_t>
-__global__ void backward_tile_kernel(const acc_t* z, scalar_t* dz, int64_t rows,  // may alias (float32)
+// dz[e] = ∂L/∂x (already /T) in the accumulation dtype for the (rows, cols) tile at rows r0..,
+// cols v0.. (dz aliases z: each element is read, then written, by the same thread).
+template <bool kEnt, typename acc_t>
+__global__ void backward_tile_kernel(const acc_t* z, acc_t* dz, int64_t rows,
                                      int64_t cols, int64_t r0, int64_t v0, const int64_t* __restrict__ tgt,
                                      acc_t inv_t, const acc_t* __restrict__ lse, const acc_t* __restrict__ mu,
                                      const acc_t* __restrict__ a, const acc_t* __restrict__ b) {
@@ -125,7 +132,7 @@ __global__ void backward_tile_kernel(const acc_t* z, scalar_t* dz, int64_t rows,
     const acc_t p = tlp_exp(zz - lse[r]);
     acc_t g = kEnt ? tlp_dz<acc_t, acc_t>(p, zz, mu[r], a[r], b[r]) : -(p * a[r]);
     if (c == tgt[r] - v0) g += a[r];
-    dz[e] = static_cast<scalar_t>(g);
+    dz[e] = g;
   }
 }
 
@@ -266,11 +273,15 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_backward_cuda(
       muv = lv.sub(valid_rows(e, v));
       bv = valid_rows(ge, v).mul(p.inv_temperature);
     }
-    const int64_t tn = std::min(n, kTokenTile), tv = vocab_tile_for(tn, V);
+    const bool widen = dt != acc;  // bf16/fp16: the gradient GEMMs run in float32
+    const int64_t tn = std::min(n, kTokenTile);
+    // With widening, the float32 weight tile (tv, H) is bounded like the logits tile.
+    const int64_t tv = widen ? std::min(vocab_tile_for(tn, V), vocab_tile_for(H, V)) : vocab_tile_for(tn, V);
     const int64_t nb = ceil_div(n, tn);
-    at::Tensor tile = at::empty({tn * tv}, aopts);
-    at::Tensor dzbuf = dt == acc ? tile : at::empty({tn * tv}, p.hidden.options());
-    at::Tensor gwacc = (need_weight_grad && dt != acc) ? at::empty({tv, H}, aopts) : at::Tensor();
+    at::Tensor tile = at::empty({tn * tv}, aopts);  // logits, then dz in place
+    const at::Tensor hva = (widen && need_weight_grad) ? hv.to(acc) : hv;
+    at::Tensor wacc = widen ? at::empty({tv, H}, aopts) : at::Tensor();
+    at::Tensor gwacc = (need_weight_grad && widen) ? at::empty({tv, H}, aopts) : at::Tensor();
     auto stream = c10::cuda::getCurrentCUDAStream();
     const int64_t* tgt = v.targets.const_data_ptr<int64_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "token_logprobs_backward_cuda", [&] {
@@ -279,34 +290,40 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_backward_cuda(
       for (int64_t v0 = 0; v0 < V; v0 += tv) {
         const int64_t vn = std::min(tv, V - v0);
         const at::Tensor wt = p.weight.narrow(0, v0, vn);
+        at::Tensor wta = wt;
+        if (widen && need_hidden_grad) {
+          wta = wacc.narrow(0, 0, vn);
+          wta.copy_(wt);
+        }
         at::Tensor gwt;
-        if (need_weight_grad) gwt = dt == acc ? gw.narrow(0, v0, vn) : gwacc.narrow(0, 0, vn);
+        if (need_weight_grad) gwt = widen ? gwacc.narrow(0, 0, vn) : gw.narrow(0, v0, vn);
         for (int64_t b = 0; b < nb; ++b) {
           const int64_t r0 = b * tn, rn = std::min(tn, n - r0);
           const at::Tensor hb = hv.narrow(0, r0, rn);
           at::Tensor z = tile.narrow(0, 0, rn * vn).view({rn, vn});
-          at::Tensor dz = dzbuf.narrow(0, 0, rn * vn).view({rn, vn});
+          at::Tensor& dz = z;
           mm_acc(z, hb, wt.t(), false);
           const int64_t total = rn * vn;
           const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), 65535));
           if (has_ge) {
-            backward_tile_kernel<true, scalar_t, acc_t><<<blocks, 256, 0, stream>>>(
-                z.const_data_ptr<acc_t>(), dz.mutable_data_ptr<scalar_t>(), rn, vn, r0, v0, tgt, inv_t,
+            backward_tile_kernel<true, acc_t><<<blocks, 256, 0, stream>>>(
+                z.const_data_ptr<acc_t>(), dz.mutable_data_ptr<acc_t>(), rn, vn, r0, v0, tgt, inv_t,
                 lv.const_data_ptr<acc_t>(), muv.const_data_ptr<acc_t>(), av.const_data_ptr<acc_t>(),
                 bv.const_data_ptr<acc_t>());
           } else {
-            backward_tile_kernel<false, scalar_t, acc_t><<<blocks, 256, 0, stream>>>(
-                z.const_data_ptr<acc_t>(), dz.mutable_data_ptr<scalar_t>(), rn, vn, r0, v0, tgt, inv_t,
+            backward_tile_kernel<false, acc_t><<<blocks, 256, 0, stream>>>(
+                z.const_data_ptr<acc_t>(), dz.mutable_data_ptr<acc_t>(), rn, vn, r0, v0, tgt, inv_t,
                 lv.const_data_ptr<acc_t>(), nullptr, av.const_data_ptr<acc_t>(), nullptr);
           }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          if (need_weight_grad) mm_acc(gwt, dz.t(), hb, b > 0);
+          // Both products in the accumulation dtype (float32 dz, widened operands).
+          if (need_weight_grad) mm_acc(gwt, dz.t(), hva.narrow(0, r0, rn), b > 0);
           if (need_hidden_grad) {
             at::Tensor ghb = gh.narrow(0, r0, rn);
-            mm_acc(ghb, dz, wt, true);
+            mm_acc(ghb, dz, wta, true);
           }
         }
-        if (need_weight_grad && dt != acc) gw.narrow(0, v0, vn).copy_(gwt);
+        if (need_weight_grad && widen) gw.narrow(0, v0, vn).copy_(gwt);
       }
     });
   }

@@ -189,16 +189,19 @@ def exp_utility(
         if lam.dim() != 1 or lam.shape[0] not in (b, 1):
             raise ValueError(f"lam must be a float or a tensor of shape (B,) = ({b},), got {shape_str(lam.shape)}")
         lam_t = lam.detach().to(acc)
+        # The device first: a lam elsewhere (e.g. on the meta device, whose values cannot be
+        # read) is named here rather than failing inside the finiteness check.
+        require_same_device("quantiles", quantiles, gate=gate, lam=lam_t)
         _require_finite_lam(lam_t)
     else:
         lam_t = torch.full((1,), require_finite_float(lam, "lam"), dtype=acc, device=quantiles.device)
-    require_same_device("quantiles", quantiles, gate=gate, lam=lam_t)
+        require_same_device("quantiles", quantiles, gate=gate)
     return torch.ops.prefcore.exp_utility(quantiles, lam_t, gate, code)
 
 
 def _require_finite_lam(lam: torch.Tensor) -> None:
     """ValueError naming the first row whose ``lam`` is NaN or ±inf (as for a float ``lam``)."""
-    if is_fake(lam) or lam.numel() == 0:
+    if is_fake(lam) or lam.is_meta or lam.numel() == 0:  # no values to read (shapes only)
         return
     bad = ~torch.isfinite(lam)
     if bool(bad.any()):

@@ -62,7 +62,15 @@ def token_logprobs(
     that needs ``grad_weight`` splits the vocabulary between threads, each with its own
     float32 ``(n, H)`` ``grad_hidden`` partial. bfloat16/float16 are computed in float32.
     CUDA: the same tiles, with cuBLAS products and fused epilogue kernels (see
-    ``csrc/cuda/token_logprobs.cu``).
+    ``csrc/cuda/token_logprobs.cu``). bfloat16/float16 logits come from cuBLAS products with a
+    float32 output; ``∂L/∂z`` is kept in float32 for every input dtype (with a mean loss over
+    many tokens it is ~1e-9, below float16's smallest subnormal) and both gradient products run
+    in float32, the bfloat16/float16 operand tiles widened (needs torch >= 2.8).
+
+    Precision of the float32 products on CUDA: they follow torch's float32 matmul setting
+    (``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision``), so
+    they are full float32 by default and TF32 (10 mantissa bits, ~1e-3 relative logits error)
+    only if the caller enabled it for all their float32 matmuls; the op does not override it.
 
     Errors (``ValueError``, or ``RuntimeError`` from the kernel for a bad target value):
     hidden-size mismatch, dtype or device mismatch, targets/mask shape, non-integer targets,
