@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import importlib.util
@@ -17,27 +16,31 @@ TOOL = os.path.join(ROOT, "tools", "gpu_check.py")
 STAGES = ["versions", "build", "cuda-fixes", "parity", "bench", "policy"]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, TOOL, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def _load():
+    """tools/gpu_check.py as a module (in-process: no second torch import per test)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", TOOL)
+    gc = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = gc  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(gc)
+    return gc
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
-def test_without_gpu_prints_plan_and_exits_2():
-    proc = _run()
-    assert proc.returncode == 2
+def test_without_gpu_prints_plan_and_exits_2(capsys):
+    assert _load().main([]) == 2
+    out, err = capsys.readouterr()
     for i, name in enumerate(STAGES, 1):
-        assert f"{i}. {name}" in proc.stdout
-    assert "MAX_JOBS=16 PREFCORE_CUDA=1" in proc.stdout and "pip install --no-build-isolation --no-deps -e ." in proc.stdout
-    assert "pytest -q -p no:cacheprovider -m cuda" in proc.stdout
-    lines = proc.stderr.strip().splitlines()
+        assert f"{i}. {name}" in out
+    assert "MAX_JOBS=16 PREFCORE_CUDA=1" in out and "pip install --no-build-isolation --no-deps -e ." in out
+    assert "pytest -q -p no:cacheprovider -m cuda" in out
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu-check: error: no CUDA device visible to torch")
     assert "--dry-run" in lines[0]
 
 
 def test_dry_run_writes_json(tmp_path):
     out = tmp_path / "r.json"
-    proc = _run("--dry-run", "--stages", "versions,parity", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
+    assert _load().main(["--dry-run", "--stages", "versions,parity", "--out", str(out)]) == 0
     rec = json.loads(out.read_text())
     assert rec["dry_run"] is True and rec["status"] == "ok"
     assert [s["name"] for s in rec["stages"]] == ["versions", "parity"]
@@ -48,16 +51,15 @@ def test_dry_run_writes_json(tmp_path):
     assert os.path.exists(log) and "VERSIONS " in open(log).read()
 
 
-def test_unknown_stage_is_refused(tmp_path):
-    proc = _run("--dry-run", "--stages", "versions,nope", "--out", str(tmp_path / "r.json"))
-    assert proc.returncode == 2 and "--stages: unknown stage(s) ['nope']" in proc.stderr
+def test_unknown_stage_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _load().main(["--dry-run", "--stages", "versions,nope", "--out", str(tmp_path / "r.json")])
+    assert exc.value.code == 2 and "--stages: unknown stage(s) ['nope']" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
 
 def test_first_failure_stops_and_leaves_json(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("gpu_check", TOOL)
-    gc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gc)
+    gc = _load()
     py = sys.executable
     fake = [gc.Stage("versions", "ok stage", [py, "-c", "print(1)"], [py, "-c", "print('fine')"], 30),
             gc.Stage("build", "failing stage", [py], [py, "-c", "import sys; print('boom'); sys.exit(3)"], 30),

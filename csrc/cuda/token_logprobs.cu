@@ -280,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_backward_cuda(
     const int64_t nb = ceil_div(n, tn);
     at::Tensor tile = at::empty({tn * tv}, aopts);  // logits, then dz in place
     const at::Tensor hva = (widen && need_weight_grad) ? hv.to(acc) : hv;
-    at::Tensor wacc = widen ? at::empty({tv, H}, aopts) : at::Tensor();
+    at::Tensor wacc = (widen && need_hidden_grad) ? at::empty({tv, H}, aopts) : at::Tensor();
     at::Tensor gwacc = (need_weight_grad && widen) ? at::empty({tv, H}, aopts) : at::Tensor();
     auto stream = c10::cuda::getCurrentCUDAStream();
     const int64_t* tgt = v.targets.const_data_ptr<int64_t>();

@@ -241,6 +241,12 @@ def _pinball_setup_context(ctx, inputs, output):
 def _pinball_backward(ctx, grad_loss, _grad_dpred):
     if grad_loss is None:  # grads are not materialised: nothing flowed into the loss output
         return None, None, None, None, None, None
+    target_mask = ctx.saved_tensors[3]
+    if target_mask is not None:
+        # A row with no valid target has loss 0 and gradient 0 whatever its upstream gradient
+        # (as the kernels' backward op writes): an inf/NaN grad_loss times its zero dpred row
+        # would be NaN.
+        grad_loss = grad_loss.masked_fill(~target_mask.any(-1), 0)
     if torch.is_grad_enabled():
         # create_graph=True (double backward, Hessians): differentiate the pure-PyTorch twin, so
         # second and higher derivatives are the true ones. Materialises (R, N, Q); the
