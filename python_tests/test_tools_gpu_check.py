@@ -13,7 +13,7 @@ import torch
 from helpers import ROOT
 
 TOOL = os.path.join(ROOT, "tools", "gpu_check.py")
-STAGES = ["versions", "build", "cuda-fixes", "parity", "bench", "policy"]
+STAGES = ["versions", "build", "cuda-fixes", "parity", "policy", "bench"]
 
 
 def _load():
