@@ -6,6 +6,13 @@ multi-annotator tables).
 ``datasets`` is imported only when a file is read, so importing this package is cheap.
 """
 from prefcore.data import synthetic, text_world
+from prefcore.data.batching import (
+    TOO_LONG,
+    LengthGroupedBatchSampler,
+    TruncationStats,
+    truncate_example,
+    truncate_pair,
+)
 from prefcore.data.adapters import (
     HELPSTEER2_ATTRIBUTES,
     ULTRAFEEDBACK_ASPECTS,
@@ -70,4 +77,10 @@ __all__ = [
     "hh_rlhf_row",
     "load_hh_rlhf",
     "load_multi_annotator",
+    # batching
+    "TOO_LONG",
+    "TruncationStats",
+    "truncate_example",
+    "truncate_pair",
+    "LengthGroupedBatchSampler",
 ]
