@@ -75,11 +75,12 @@ def _assert_matches(model, prompts, chosen, rejected, side, packing, expect_mode
 
 CASES = {
     # odd, different lengths per segment and row
-    "odd": (lambda rng: (_rows(rng, 5, 1, 7), _rows(rng, 5, 1, 5), _rows(rng, 5, 1, 9))),
+    "odd": (lambda rng: (_rows(rng, 4, 1, 7), _rows(rng, 4, 1, 5), _rows(rng, 4, 1, 9))),
     "batch_of_1": (lambda rng: (_rows(rng, 1, 5, 5), _rows(rng, 1, 3, 3), _rows(rng, 1, 6, 6))),
     "prompt_of_length_1": (lambda rng: ([[7], [9], [4]], _rows(rng, 3, 1, 4), _rows(rng, 3, 2, 6))),
     # a row whose prompt was truncated away (response longer than max_length) next to full rows
     "empty_prompt_row": (lambda rng: ([[], [5, 6, 7]], _rows(rng, 2, 2, 4), _rows(rng, 2, 1, 3))),
+    "no_prompts": (lambda rng: ([[], []], _rows(rng, 2, 2, 4), _rows(rng, 2, 1, 3))),
 }
 
 
@@ -93,11 +94,11 @@ def test_packed_equals_plain_llama(case, side, attn):
     _assert_matches(model, prompts, chosen, rejected, side, "packed", "packed")
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_plain_mode_equals_reference(side):
+def test_plain_mode_equals_reference():
+    """Left padding puts padding between prompt and response in the concatenation: removed."""
     model = make_llama().train()
     prompts, chosen, rejected = CASES["odd"](random.Random(3))
-    _assert_matches(model, prompts, chosen, rejected, side, "plain", "plain")
+    _assert_matches(model, prompts, chosen, rejected, "left", "plain", "plain")
 
 
 def test_packed_gpt2_absolute_positions():
