@@ -245,8 +245,13 @@ def _compute_dtype(base: nn.Module) -> torch.dtype:
 def _packed(backbone: nn.Module, p, c, r) -> tuple[torch.Tensor, torch.Tensor]:
     base = transformers_base(backbone)
     batch = pack_pairs(p, c, r)
-    kwargs: dict[str, object] = dict(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                     attention_mask=batch.additive_mask(_compute_dtype(base)))
+    # sdpa takes the bool mask as it is (True = attend; 1 byte per entry, as transformers' own
+    # masks); eager attention adds the mask to the scores, so it gets the additive float form
+    if base.config._attn_implementation == "sdpa":
+        mask = batch.allowed.unsqueeze(1)
+    else:
+        mask = batch.additive_mask(_compute_dtype(base))
+    kwargs: dict[str, object] = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask)
     if _accepts(base, "use_cache"):
         kwargs["use_cache"] = False  # nothing is generated; a cache would only cost memory
     out = base(**kwargs)
