@@ -192,3 +192,26 @@ def test_pair_features_bad_input():
         pair_features(model, p, torch.tensor([[1]]), c)
     with pytest.raises(ValueError, match="packing must be one of"):
         pair_features(model, p, c, c, packing="both")
+
+
+def test_peft_lora_wrapper():
+    """A LoRA-wrapped causal LM: the inner base model runs (LoRA layers included, LM head not)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base = make_llama()
+    lm = LlamaForCausalLM(base.config)
+    lm.model.load_state_dict(base.state_dict())
+    peft_model = get_peft_model(lm, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert resolve_packing("auto", peft_model).mode == "packed"
+    rng = random.Random(6)
+    prompts, chosen, rejected = _rows(rng, 2, 1, 4), _rows(rng, 2, 1, 3), _rows(rng, 2, 1, 3)
+    p, c, r = (pad_batch(x, "left") for x in (prompts, chosen, rejected))
+    packed = pair_features(peft_model, p, c, r, packing="packed")
+    # reference: the merged model (LoRA folded into the weights), each sequence alone
+    merged = peft_model.merge_and_unload().model
+    for i in range(2):
+        torch.testing.assert_close(packed.chosen[i], merged(input_ids=torch.tensor([prompts[i] + chosen[i]])).last_hidden_state[0, -1],
+                                   atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(packed.rejected[i], merged(input_ids=torch.tensor([prompts[i] + rejected[i]])).last_hidden_state[0, -1],
+                                   atol=ATOL, rtol=1e-5)
