@@ -16,6 +16,9 @@ import torch
 from prefcore.data.batching import (
     LengthGroupedBatchSampler,
     TruncationStats,
+    collate_pairs,
+    pad_rows,
+    pair_length,
     truncate_example,
     truncate_pair,
 )
@@ -96,6 +99,26 @@ def test_truncation_stats_counts_and_log(caplog):
 def test_truncation_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+# ---------------------------------------------------------------------------- collation
+
+
+def test_pad_rows_and_collate_pairs():
+    ids, mask = pad_rows([[5, 6], [], [7]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6], [0, 0], [0, 7]] and mask.tolist() == [[1, 1], [0, 0], [0, 1]]
+    ids, mask = pad_rows([[5, 6], [7]], pad_id=9)
+    assert ids.tolist() == [[5, 6], [7, 9]] and mask.tolist() == [[1, 1], [1, 0]]
+    assert pad_rows([[], []], 0)[0].shape == (2, 0)
+    (pi, pm), (ci, cm), (ri, rm) = collate_pairs([([1], [2, 3], [4]), ([], [5], [6, 7, 8])], pad_id=0)
+    assert pi.tolist() == [[1], [0]] and ci.tolist() == [[2, 3], [5, 0]] and rm.tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert pair_length([1, 2], [3], [4, 5, 6], "packed") == 6 and pair_length([1, 2], [3], [4, 5, 6], "plain") == 5
+    with pytest.raises(ValueError, match="side must be 'left' or 'right'"):
+        pad_rows([[1]], 0, side="middle")
+    with pytest.raises(ValueError, match="pairs must hold at least one"):
+        collate_pairs([], 0)
+    with pytest.raises(ValueError, match="packing must be 'packed' or 'plain'"):
+        pair_length([1], [2], [3], "auto")
 
 
 # ---------------------------------------------------------------------------- sampler

@@ -10,6 +10,9 @@ from prefcore.data.batching import (
     TOO_LONG,
     LengthGroupedBatchSampler,
     TruncationStats,
+    collate_pairs,
+    pad_rows,
+    pair_length,
     truncate_example,
     truncate_pair,
 )
@@ -83,4 +86,7 @@ __all__ = [
     "truncate_example",
     "truncate_pair",
     "LengthGroupedBatchSampler",
+    "pad_rows",
+    "collate_pairs",
+    "pair_length",
 ]

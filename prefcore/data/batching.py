@@ -148,6 +148,44 @@ def truncate_pair(prompt_ids: Sequence[int], chosen_ids: Sequence[int], rejected
     return prompt[len(prompt) - keep_p:], chosen[-max_length:], rejected[-max_length:]
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists → ``input_ids (N, T)`` int64 and ``attention_mask (N, T)`` int64 (1 = token),
+    ``T`` the longest row (0 when every row is empty), padded on ``side`` (``"left"``/``"right"``)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise ValueError(f"pad_id must be an integer token id, got {pad_id!r}")
+    rows = [_check_ids(r, f"rows[{i}]", allow_empty=True) for i, r in enumerate(rows)]
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            ids[i, cols] = torch.tensor(r, dtype=torch.long)
+            mask[i, cols] = 1
+    return ids, mask
+
+
+def collate_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]], pad_id: int, side: str = "right",
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """``(prompt, chosen, rejected)`` id lists (e.g. from :func:`truncate_pair`) → three padded
+    ``(input_ids, attention_mask)`` batches, the input of
+    :func:`prefcore.models.packing.pair_features`."""
+    if len(pairs) == 0:
+        raise ValueError("pairs must hold at least one (prompt, chosen, rejected) triple")
+    return tuple(pad_rows([pair[k] for pair in pairs], pad_id, side) for k in range(3))  # type: ignore[return-value]
+
+
+def pair_length(prompt_ids: Sequence[int], chosen_ids: Sequence[int], rejected_ids: Sequence[int], packing: str) -> int:
+    """The tokens a pair pads to in its batch, for :class:`LengthGroupedBatchSampler`:
+    ``P + C + R`` packed (one ``[prompt|chosen|rejected]`` row), ``P + max(C, R)`` plain."""
+    if packing not in ("packed", "plain"):
+        raise ValueError(f"packing must be 'packed' or 'plain', got {packing!r}")
+    p, c, r = len(prompt_ids), len(chosen_ids), len(rejected_ids)
+    return p + c + r if packing == "packed" else p + max(c, r)
+
+
 def _check_int(value: object, name: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
