@@ -1,7 +1,8 @@
 """prefcore's data layer (DESIGN §4): the ratings / pairs / attributes schemas with row
 validation, JSONL/Parquet loading through 🤗 ``datasets`` (local files only), atomic JSONL
-writing, and adapters from public datasets (HelpSteer2, UltraFeedback, HH-RLHF, long
-multi-annotator tables).
+writing, adapters from public datasets (HelpSteer2, UltraFeedback, HH-RLHF, long
+multi-annotator tables), and batching for fine-tuning (truncation that keeps the response's
+end, length-grouped rank-sharded batches: :mod:`prefcore.data.batching`).
 
 ``datasets`` is imported only when a file is read, so importing this package is cheap.
 """
