@@ -282,15 +282,18 @@ def case_work(case: BenchCase, args: Sequence, kwargs: dict, mode: str) -> dict[
 # ---- the machine's limits, measured in the benchmark's own process -------------------------
 
 # torch.mm at a fixed square shape (fp32: 17 GFLOP, ~50 ms on 2 threads at 330 GFLOP/s) and the
-# copy of a tensor far larger than any last-level cache.
+# copy of a tensor far larger than any last-level cache. A dtype without a fast path on the
+# machine (bf16 without AVX512-BF16/AMX runs ~1 GFLOP/s: a 2048² product would take a minute)
+# is measured at the largest of 256, 512, 1024, 2048 whose single call stays under
+# LIMIT_GROW_S; the size used is recorded.
 LIMIT_GEMM_SIZE = 2048
+LIMIT_GROW_S = 0.1
 LIMIT_COPY_BYTES = 256 * 2**20
 
 
-def _best_ms(run: Callable[[], None], reps: int, device: torch.device) -> float:
-    """Median wall time of ``reps`` calls after 2 warm-up calls, in ms."""
-    for _ in range(2):
-        run()
+def _median_ms(run: Callable[[], None], reps: int, device: torch.device) -> float:
+    """Median wall time of ``reps`` calls after one warm-up call, in ms."""
+    run()
     _sync(device)
     times = []
     for _ in range(reps):
@@ -301,25 +304,33 @@ def _best_ms(run: Callable[[], None], reps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def measure_limits(device: torch.device, *, smoke: bool = False, reps: int = 5) -> dict[str, Any]:
+def measure_limits(device: torch.device, *, smoke: bool = False, reps: int = 3) -> dict[str, Any]:
     """The machine's limits as this process sees them (its threads, its allocator): the
-    ``torch.mm`` rate in fp32 and bf16 (GFLOP/s, ``2·n³`` flops for an n×n product) and the copy
-    bandwidth (GB/s, ``dst.copy_(src)`` counted as bytes read + bytes written). ``smoke`` uses
-    tiny sizes (a check that it runs, not a measurement)."""
-    n = 64 if smoke else LIMIT_GEMM_SIZE
+    ``torch.mm`` rate in fp32 and bf16 (GFLOP/s, ``2·n³`` flops for an n×n product, n =
+    ``LIMIT_GEMM_SIZE`` unless the dtype is too slow, see above) and the copy bandwidth (GB/s,
+    ``dst.copy_(src)`` counted as bytes read + bytes written). ``smoke`` uses tiny sizes (a
+    check that it runs, not a measurement)."""
     nbytes = 2**20 if smoke else LIMIT_COPY_BYTES
-    out: dict[str, Any] = {"gemm_size": n, "copy_bytes": nbytes, "reps": reps}
+    out: dict[str, Any] = {"copy_bytes": nbytes, "reps": reps}
     g = torch.Generator().manual_seed(0)
     for dtype, name in _DTYPE_NAMES.items():
-        a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-        b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-        c = torch.empty(n, n, device=device, dtype=dtype)
-        ms = _best_ms(lambda: torch.mm(a, b, out=c), reps, device)
+        n = 64 if smoke else 256
+        while True:
+            a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+            c = torch.empty(n, n, device=device, dtype=dtype)
+            t0 = time.perf_counter()
+            torch.mm(a, a, out=c)
+            _sync(device)
+            if smoke or n >= LIMIT_GEMM_SIZE or time.perf_counter() - t0 > LIMIT_GROW_S:
+                break
+            n *= 2
+        ms = _median_ms(lambda: torch.mm(a, a, out=c), reps, device)
         out[f"gemm_{name}_gflops"] = 2 * n**3 / (ms * 1e-3) / 1e9
-        del a, b, c
+        out[f"gemm_{name}_size"] = n
+        del a, c
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    ms = _best_ms(lambda: dst.copy_(src), reps, device)
+    ms = _median_ms(lambda: dst.copy_(src), reps, device)
     out["copy_gbps"] = 2 * nbytes / (ms * 1e-3) / 1e9
     return out
 

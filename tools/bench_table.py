@@ -103,11 +103,11 @@ def render(path: str) -> str:
         head += " Environment: " + ", ".join(f"`{k}={v}`" for k, v in sorted(env.items())) + "."
     limits = data.get("limits")
     if limits:
-        head += " Limits measured in each process (GEMM: `torch.mm` " + ", ".join(
-            f"{lim['gemm_size']}²" for lim in limits[:1]) + "; copy: " + ", ".join(
-            f"{lim['copy_bytes'] / 2**20:.0f} MiB" for lim in limits[:1]) + "): " + "; ".join(
-            f"{lim['threads']}t p{lim['process']}: fp32 {lim['gemm_fp32_gflops']:.0f}, bf16 "
-            f"{lim['gemm_bf16_gflops']:.0f} GFLOP/s, copy {lim['copy_gbps']:.1f} GB/s" for lim in limits) + "."
+        head += (f" Limits measured in each process (`torch.mm` n×n, a {limits[0]['copy_bytes'] / 2**20:.0f} MiB "
+                 "copy): " + "; ".join(
+                     f"{lim['threads']}t p{lim['process']}: fp32 {lim['gemm_fp32_gflops']:.0f} (n={lim['gemm_fp32_size']}), "
+                     f"bf16 {lim['gemm_bf16_gflops']:.0f} (n={lim['gemm_bf16_size']}) GFLOP/s, copy "
+                     f"{lim['copy_gbps']:.1f} GB/s" for lim in limits) + ".")
     warm = data.get("warmup")
     if warm:
         head += (f" Warm-up: {warm['min_calls']}–{warm['max_calls']} untimed calls per row, {warm['rule']} "
