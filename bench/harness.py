@@ -18,6 +18,14 @@ implementation's per-process medians.
 fresh ``mmap``), to tell allocator effects from an op's own work. No user process runs like
 that; such results are labelled with the regime and never feed the headline table.
 
+**Warm-up.** A row is timed only after its warm-up calls: until a call's minor page faults stop
+falling (first touches of fresh pages excluded), at least ``WARMUP_MIN_CALLS``, at most
+``WARMUP_MAX_CALLS``; the count is recorded per row.
+
+**Limits.** Each process first measures the machine's limits as it sees them
+(:func:`measure_limits`: the fp32 and bf16 ``torch.mm`` rate and the copy bandwidth); a case's
+:class:`Bound` says which one its rows are judged against ("% of limit").
+
 Peak memory is the peak of live torch tensor bytes during one call (``torch.profiler`` memory
 events) over those before it — independent of how glibc reuses pages; kernel-internal scratch
 outside the torch allocator (small per-thread rows here) is not counted. On CUDA it is
