@@ -103,3 +103,25 @@ def test_bf16_reward_and_kl_curves_track_fp32(tmp_path):
         assert d_seed > 0 and d_bf16 <= d_seed, (key, d_bf16, d_seed, bf16[key], ref[key], other[key])
     for t, (a, b, sd) in enumerate(zip(bf16["reward"], ref["reward"], ref["reward_std"])):
         assert abs(a - b) <= 3 * sd / math.sqrt(n) + 1e-6, (t, a, b, sd)
+
+
+def test_cli_bf16_flag_trains_on_cpu(tmp_path, monkeypatch):
+    """``prefcore train-policy --bf16 --device cpu`` end to end: the flag reaches the trainer (the
+    fused op runs in bf16), the run finishes, and the saved policy is fp32."""
+    from prefcore.cli import main
+
+    make_policy(path=tmp_path / "policy")
+    make_tokenizer(tmp_path / "policy")
+    (tmp_path / "prompts.jsonl").write_text("".join(f'{{"prompt": "{p}"}}\n' for p in PROMPTS[:4]))
+    calls = _recorder(monkeypatch)
+    rc = main(["train-policy", "--model_name_or_path", str(tmp_path / "policy"), "--dataset",
+               str(tmp_path / "prompts.jsonl"), "--reward_model", "python_tests.test_train_policy_common:count_a",
+               "--out", str(tmp_path / "run"), "--no_progress", "true", "--num_generations", "2",
+               "--per_device_train_batch_size", "2", "--max_completion_length", "4", "--max_steps", "1",
+               "--device", "cpu", "--bf16"])
+    assert rc == 0
+    assert calls and {c[:2] for c in calls} == {(torch.bfloat16, torch.bfloat16)}
+    from transformers import LlamaForCausalLM
+
+    saved = LlamaForCausalLM.from_pretrained(str(tmp_path / "run" / "policy"))
+    assert all(p.dtype == torch.float32 for p in saved.parameters())
