@@ -19,8 +19,8 @@ fresh ``mmap``), to tell allocator effects from an op's own work. No user proces
 that; such results are labelled with the regime and never feed the headline table.
 
 **Warm-up.** A row is timed only after its warm-up calls: until a call's minor page faults stop
-falling (first touches of fresh pages excluded), at least ``WARMUP_MIN_CALLS``, at most
-``WARMUP_MAX_CALLS``; the count is recorded per row.
+falling (first touches of fresh pages excluded), at least ``WARMUP_MIN_CALLS`` calls and 0.5 s,
+past ``WARMUP_MAX_CALLS`` calls the time alone; the count is recorded per row.
 
 **Limits.** Each process first measures the machine's limits as it sees them
 (:func:`measure_limits`: the fp32 and bf16 ``torch.mm`` rate and the copy bandwidth); a case's
@@ -69,7 +69,8 @@ REGIMES: dict[str, dict[str, str]] = {
 _ENV_PREFIXES = ("MALLOC_", "THP_", "LD_PRELOAD", "OMP_", "MKL_", "GOMP_", "KMP_", "PYTORCH_", "PREFCORE_")
 MODES = ("fwd", "fwd+bwd")
 # Warm-up calls before timing (``measure``): at least 3 — the first call faults in its outputs'
-# and scratch pages, the second can still grow the heap — and at most 20.
+# and scratch pages, the second can still grow the heap — and, once 0.5 s have passed, no more
+# than 20 waiting for the faults to settle.
 WARMUP_MIN_CALLS, WARMUP_MAX_CALLS = 3, 20
 
 
@@ -229,8 +230,8 @@ def measure(fn: Callable, args: Sequence, kwargs: dict, mode: str, device: torch
     # Warm-up: compilation, lazy initialisation and the allocator's first growth belong to no
     # steady-state call. The first calls also fault in fresh pages (the kernel zeroes each one);
     # a steady-state call reuses them. So warm up until the minor-fault count of a call stops
-    # falling (no new minimum), for at least `min_warmup` calls and `warmup_s`, at most
-    # `max_warmup` calls.
+    # falling (no new minimum), for at least `min_warmup` calls and `warmup_s`; past
+    # `max_warmup` calls (a call that faults less every time) the time alone decides.
     start = time.perf_counter()
     faults: list[int] = []
     last = 0.0
@@ -244,7 +245,7 @@ def measure(fn: Callable, args: Sequence, kwargs: dict, mode: str, device: torch
         # A call slower than the whole budget: 2 calls suffice once the faults settle.
         slow = last > budget_s
         enough = len(faults) >= (2 if slow else min_warmup) and (slow or time.perf_counter() - start >= warmup_s)
-        if len(faults) >= max_warmup or (enough and settled):
+        if enough and (settled or len(faults) >= max_warmup):
             break
     # A call slower than the whole budget (a Qwen-size LM head on 2 cores takes tens of seconds):
     # 3 timed calls, so a full run stays within minutes; p20–p80 then spans those three.
@@ -475,7 +476,8 @@ def limit_cell(s: Summary) -> str:
     """``41–45% bf16 GEMM`` (range over processes); "—" without a bound or measured limits."""
     if not s.limit_fractions:
         return "—"
-    return _span([100 * f for f in s.limit_fractions], ".0f", "%") + f" {_BOUND_LABEL.get(s.bound, s.bound)}"
+    pct = [100 * f for f in s.limit_fractions]
+    return _span(pct, ".1f" if max(pct) < 10 else ".0f", "%") + f" {_BOUND_LABEL.get(s.bound, s.bound)}"
 
 
 def _span(xs: list[float], fmt: str, unit: str = "") -> str:

@@ -110,8 +110,8 @@ def render(path: str) -> str:
                      f"{lim['copy_gbps']:.1f} GB/s" for lim in limits) + ".")
     warm = data.get("warmup")
     if warm:
-        head += (f" Warm-up: {warm['min_calls']}–{warm['max_calls']} untimed calls per row, {warm['rule']} "
-                 "(per-row counts in the JSON).")
+        head += (f" Warm-up: untimed calls per row {warm['rule']} (at least {warm['min_calls']} calls and 0.5 s; "
+                 f"past {warm['max_calls']} calls the time alone; per-row counts in the JSON).")
     return "\n\n".join([head, markdown_table(results, limits=limits), _targets_table(results, limits)])
 
 
