@@ -18,6 +18,14 @@ implementation's per-process medians.
 fresh ``mmap``), to tell allocator effects from an op's own work. No user process runs like
 that; such results are labelled with the regime and never feed the headline table.
 
+**Warm-up.** A row is timed only after its warm-up calls: until a call's minor page faults stop
+falling (first touches of fresh pages excluded), at least ``WARMUP_MIN_CALLS`` calls and 0.5 s,
+past ``WARMUP_MAX_CALLS`` calls the time alone; the count is recorded per row.
+
+**Limits.** Each process first measures the machine's limits as it sees them
+(:func:`measure_limits`: the fp32 and bf16 ``torch.mm`` rate and the copy bandwidth); a case's
+:class:`Bound` says which one its rows are judged against ("% of limit").
+
 Peak memory is the peak of live torch tensor bytes during one call (``torch.profiler`` memory
 events) over those before it — independent of how glibc reuses pages; kernel-internal scratch
 outside the torch allocator (small per-thread rows here) is not counted. On CUDA it is
@@ -37,6 +45,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -59,6 +68,34 @@ REGIMES: dict[str, dict[str, str]] = {
 # Environment variables that change how memory or threads behave; recorded, never set by us.
 _ENV_PREFIXES = ("MALLOC_", "THP_", "LD_PRELOAD", "OMP_", "MKL_", "GOMP_", "KMP_", "PYTORCH_", "PREFCORE_")
 MODES = ("fwd", "fwd+bwd")
+# Warm-up calls before timing (``measure``): at least 3 — the first call faults in its outputs'
+# and scratch pages, the second can still grow the heap — and, once 0.5 s have passed, no more
+# than 20 waiting for the faults to settle.
+WARMUP_MIN_CALLS, WARMUP_MAX_CALLS = 3, 20
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What a case's speed is judged against ("% of limit" in the table).
+
+    ``kind="gemm"``: compute-bound; ``flops(args, kwargs, mode)`` counts the nominal flops of one
+    call, judged against the ``torch.mm`` rate of the inputs' dtype (first tensor argument)
+    measured in the same process. ``kind="copy"``: memory-bound; the compulsory bytes of one call
+    are counted from the tensors themselves — every tensor argument read once and the first
+    output written once, plus in ``fwd+bwd`` every gradient of a leaf written once — and judged
+    against the copy bandwidth measured in the same process."""
+
+    kind: str  # "gemm" | "copy"
+    flops: Callable[[tuple, dict, str], float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gemm", "copy"):
+            raise ValueError(f"Bound.kind must be 'gemm' or 'copy', got {self.kind!r}")
+        if (self.kind == "gemm") != (self.flops is not None):
+            raise ValueError("Bound: a 'gemm' bound needs flops(args, kwargs, mode); a 'copy' bound takes none")
+
+
+COPY = Bound("copy")
 
 
 @dataclass(frozen=True)
@@ -68,7 +105,8 @@ class BenchCase:
     ``(*args, **kwargs)``; names in ``compile`` are also timed under ``torch.compile`` as
     ``"<name>+compile"``. ``primary`` is the implementation the ratios are computed for.
     ``smoke_inputs`` is ``make_inputs`` at tiny sizes, for the smoke run of
-    ``bench/test_bench.py`` in ``make test`` (every case must give one)."""
+    ``bench/test_bench.py`` in ``make test`` (every case must give one). ``bound``: what limits
+    the op (:class:`Bound`); None leaves the "% of limit" column empty."""
 
     op: str
     config: str
@@ -78,6 +116,7 @@ class BenchCase:
     backward: bool = True
     primary: str = "prefcore"
     smoke_inputs: Callable[[torch.device], tuple[tuple, dict]] | None = None
+    bound: Bound | None = None
 
     @property
     def name(self) -> str:
@@ -99,6 +138,10 @@ class Measurement:
     extra: dict = field(default_factory=dict)
     threads: int | None = None
     process: int = 0  # index of the process it was timed in (ratios only within one)
+    warmup_calls: int | None = None  # untimed calls before the timed ones (None: older files)
+    minflt_per_call: float | None = None  # median minor page faults of a timed call
+    bound: str | None = None  # "gemm_fp32" | "gemm_bf16" | "copy" | None: which limit applies
+    work: float | None = None  # flops (gemm) or compulsory bytes (copy) of one call
 
 
 # ---- measuring ------------------------------------------------------------------------------
@@ -166,36 +209,150 @@ def _peak_extra_mb(run: Callable[[], None], device: torch.device) -> float | Non
     return peak / 2**20
 
 
+def _minflt() -> int:
+    """Minor page faults of this process so far (first touches of fresh pages)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+@dataclass
+class Timing:
+    times_ms: list[float]
+    peak_mb: float | None
+    warmup_calls: int
+    minflt_per_call: float  # median over the timed calls
+
+
 def measure(fn: Callable, args: Sequence, kwargs: dict, mode: str, device: torch.device, *,
-            warmup: int = 2, warmup_s: float = 0.5, min_reps: int = 5, max_reps: int = 50,
-            budget_s: float = 1.0, peak: bool = True) -> tuple[list[float], float | None]:
+            min_warmup: int = WARMUP_MIN_CALLS, max_warmup: int = WARMUP_MAX_CALLS, warmup_s: float = 0.5,
+            min_reps: int = 5, max_reps: int = 50, budget_s: float = 1.0, peak: bool = True) -> Timing:
     leaves = _leaves(args, kwargs)
     run = lambda: _call(fn, args, kwargs, mode, leaves)  # noqa: E731
-    # Warm up for at least `warmup` calls and `warmup_s`: compilation, lazy initialisation and
-    # the allocator's first growth belong to no steady-state call.
+    # Warm-up: compilation, lazy initialisation and the allocator's first growth belong to no
+    # steady-state call. The first calls also fault in fresh pages (the kernel zeroes each one);
+    # a steady-state call reuses them. So warm up until the minor-fault count of a call stops
+    # falling (no new minimum), for at least `min_warmup` calls and `warmup_s`; past
+    # `max_warmup` calls (a call that faults less every time) the time alone decides.
     start = time.perf_counter()
-    calls = 0
+    faults: list[int] = []
     last = 0.0
-    while calls < warmup or time.perf_counter() - start < warmup_s:
-        t0 = time.perf_counter()
+    while True:
+        f0, t0 = _minflt(), time.perf_counter()
         run()
         _sync(device)
         last = time.perf_counter() - t0
-        calls += 1
+        faults.append(_minflt() - f0)
+        settled = len(faults) >= 2 and faults[-1] >= min(faults[:-1])
+        # A call slower than the whole budget: 2 calls suffice once the faults settle.
+        slow = last > budget_s
+        enough = len(faults) >= (2 if slow else min_warmup) and (slow or time.perf_counter() - start >= warmup_s)
+        if enough and (settled or len(faults) >= max_warmup):
+            break
     # A call slower than the whole budget (a Qwen-size LM head on 2 cores takes tens of seconds):
     # 3 timed calls, so a full run stays within minutes; p20–p80 then spans those three.
     if last > budget_s:
         min_reps = min(min_reps, 3)
     times: list[float] = []
+    timed_faults: list[int] = []
     start = time.perf_counter()
     while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget_s):
+        f0, t0 = _minflt(), time.perf_counter()
+        run()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        timed_faults.append(_minflt() - f0)
+    # After the timings: the profiler must not perturb the allocator state they see.
+    peak_mb = _peak_extra_mb(lambda: (run(), _sync(device)), device) if peak else None
+    return Timing(times, peak_mb, len(faults), statistics.median(timed_faults))
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def case_work(case: BenchCase, args: Sequence, kwargs: dict, mode: str) -> dict[str, Any]:
+    """``{"bound": ..., "work": ...}`` of one call of ``case`` in ``mode`` (:class:`Bound`)."""
+    bound = case.bound
+    if bound is None:
+        return {}
+    if bound.kind == "gemm":
+        dtype = next(a for a in args if isinstance(a, torch.Tensor)).dtype
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"bench case {case.name}: no GEMM rate is measured for {dtype}")
+        return {"bound": f"gemm_{_DTYPE_NAMES[dtype]}", "work": float(bound.flops(tuple(args), kwargs, mode))}
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    with torch.no_grad():
+        first = _first_tensor(case.impls[case.primary](*args, **kwargs))
+    nbytes += first.numel() * first.element_size()
+    if mode == "fwd+bwd":
+        nbytes += sum(t.numel() * t.element_size() for t in _leaves(args, kwargs))
+    return {"bound": "copy", "work": float(nbytes)}
+
+
+# ---- the machine's limits, measured in the benchmark's own process -------------------------
+
+# torch.mm at a fixed square shape (fp32: 17 GFLOP, ~50 ms on 2 threads at 330 GFLOP/s) and the
+# copy of a tensor far larger than any last-level cache. A dtype without a fast path on the
+# machine (bf16 without AVX512-BF16/AMX runs ~1 GFLOP/s: a 2048² product would take a minute)
+# is measured at the largest of 256, 512, 1024, 2048 whose single call stays under
+# LIMIT_GROW_S; the size used is recorded.
+LIMIT_GEMM_SIZE = 2048
+LIMIT_GROW_S = 0.1
+LIMIT_COPY_BYTES = 256 * 2**20
+
+
+def _median_ms(run: Callable[[], None], reps: int, device: torch.device) -> float:
+    """Median wall time of ``reps`` calls after one warm-up call, in ms."""
+    run()
+    _sync(device)
+    times = []
+    for _ in range(reps):
         t0 = time.perf_counter()
         run()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    # After the timings: the profiler must not perturb the allocator state they see.
-    peak_mb = _peak_extra_mb(lambda: (run(), _sync(device)), device) if peak else None
-    return times, peak_mb
+    return statistics.median(times)
+
+
+def measure_limits(device: torch.device, *, smoke: bool = False, reps: int = 3) -> dict[str, Any]:
+    """The machine's limits as this process sees them (its threads, its allocator): the
+    ``torch.mm`` rate in fp32 and bf16 (GFLOP/s, ``2·n³`` flops for an n×n product, n =
+    ``LIMIT_GEMM_SIZE`` unless the dtype is too slow, see above) and the copy bandwidth (GB/s,
+    ``dst.copy_(src)`` counted as bytes read + bytes written). ``smoke`` uses tiny sizes (a
+    check that it runs, not a measurement)."""
+    nbytes = 2**20 if smoke else LIMIT_COPY_BYTES
+    out: dict[str, Any] = {"copy_bytes": nbytes, "reps": reps}
+    g = torch.Generator().manual_seed(0)
+    for dtype, name in _DTYPE_NAMES.items():
+        n = 64 if smoke else 256
+        while True:
+            a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+            c = torch.empty(n, n, device=device, dtype=dtype)
+            t0 = time.perf_counter()
+            torch.mm(a, a, out=c)
+            _sync(device)
+            if smoke or n >= LIMIT_GEMM_SIZE or time.perf_counter() - t0 > LIMIT_GROW_S:
+                break
+            n *= 2
+        ms = _median_ms(lambda: torch.mm(a, a, out=c), reps, device)
+        out[f"gemm_{name}_gflops"] = 2 * n**3 / (ms * 1e-3) / 1e9
+        out[f"gemm_{name}_size"] = n
+        del a, c
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), reps, device)
+    out["copy_gbps"] = 2 * nbytes / (ms * 1e-3) / 1e9
+    return out
+
+
+def limit_fraction(m: Measurement, limits: dict[str, Any] | None) -> float | None:
+    """Achieved rate of ``m`` over its limit (flops/s over the GEMM rate, compulsory bytes/s over
+    the copy bandwidth); None without a bound or without limits (older files)."""
+    if m.bound is None or m.work is None or not limits:
+        return None
+    key = "copy_gbps" if m.bound == "copy" else f"{m.bound}_gflops"
+    if key not in limits:
+        return None
+    return (m.work / (m.median_ms * 1e-3) / 1e9) / limits[key]
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -220,15 +377,20 @@ def run_case(case: BenchCase, device: torch.device, *, use_compile: bool = True,
         for name in case.compile:
             impls[f"{name}+compile"] = torch.compile(case.impls[name], dynamic=False)
     threads = torch.get_num_threads() if device.type == "cpu" else None
+    # Smoke sizes measure nothing: no bound is attached to them.
+    bounds = {} if smoke or case.bound is None else {
+        mode: case_work(case, args, kwargs, mode) for mode in modes}
     out: list[Measurement] = []
     for mode in modes:
         if mode == "fwd+bwd" and not case.backward:
             continue
         for name, fn in impls.items():
-            times, peak = measure(fn, args, kwargs, mode, device, budget_s=budget_s, warmup_s=warmup_s)
+            tm = measure(fn, args, kwargs, mode, device, budget_s=budget_s, warmup_s=warmup_s)
+            times, peak = tm.times_ms, tm.peak_mb
             m = Measurement(case.op, case.config, mode, name, statistics.median(times),
                             _quantile(times, 0.2), _quantile(times, 0.8), len(times), peak, regime,
-                            threads=threads, process=process)
+                            threads=threads, process=process, warmup_calls=tm.warmup_calls,
+                            minflt_per_call=tm.minflt_per_call, **bounds.get(mode, {}))
             log(f"  [{regime} {threads}t p{process}] {case.name:<44} {mode:<8} {name:<22} "
                 f"{m.median_ms:9.3f} ms ({m.p20_ms:.3f}–{m.p80_ms:.3f})"
                 + (f"  peak +{peak:7.1f} MiB" if peak is not None else ""))
@@ -276,9 +438,17 @@ class Summary:
     process_medians: list[float]
     speedups: list[float]     # primary's speed-up in each process ([] for primary itself)
     peak_mb: float | None
+    limit_fractions: list[float] = field(default_factory=list)  # rate over its limit, per process
+    bound: str | None = None
 
 
-def summarize(results: list[Measurement], primary: str = "prefcore") -> list[Summary]:
+def _limits_index(limits: Sequence[dict] | None) -> dict[tuple, dict]:
+    """Per-process limits (as stored in the JSON) keyed by (threads, process)."""
+    return {(lim.get("threads"), lim.get("process")): lim for lim in limits or ()}
+
+
+def summarize(results: list[Measurement], primary: str = "prefcore",
+              limits: Sequence[dict] | None = None) -> list[Summary]:
     groups: dict[tuple, list[Measurement]] = {}
     for m in results:
         groups.setdefault((*_group_key(m), m.impl), []).append(m)
@@ -286,14 +456,28 @@ def summarize(results: list[Measurement], primary: str = "prefcore") -> list[Sum
     for r in ratios(results, primary):
         speed.setdefault((r["regime"], r["threads"], r["op"], r["config"], r["mode"], r["baseline"]),
                          []).append(r["speedup"])
+    lim = _limits_index(limits)
     out = []
     for key, ms in groups.items():
         ms = sorted(ms, key=lambda m: m.process)
         peaks = [m.peak_mb for m in ms if m.peak_mb is not None]
+        # Each process's rate over the limits measured in that same process.
+        fracs = [f for m in ms if (f := limit_fraction(m, lim.get((m.threads, m.process)))) is not None]
         out.append(Summary(*key, statistics.median(m.median_ms for m in ms), min(m.p20_ms for m in ms),
                            max(m.p80_ms for m in ms), [m.median_ms for m in ms], speed.get(key, []),
-                           statistics.median(peaks) if peaks else None))
+                           statistics.median(peaks) if peaks else None, fracs, ms[0].bound))
     return out
+
+
+_BOUND_LABEL = {"gemm_fp32": "fp32 GEMM", "gemm_bf16": "bf16 GEMM", "copy": "copy"}
+
+
+def limit_cell(s: Summary) -> str:
+    """``41–45% bf16 GEMM`` (range over processes); "—" without a bound or measured limits."""
+    if not s.limit_fractions:
+        return "—"
+    pct = [100 * f for f in s.limit_fractions]
+    return _span(pct, ".1f" if max(pct) < 10 else ".0f", "%") + f" {_BOUND_LABEL.get(s.bound, s.bound)}"
 
 
 def _span(xs: list[float], fmt: str, unit: str = "") -> str:
@@ -302,18 +486,19 @@ def _span(xs: list[float], fmt: str, unit: str = "") -> str:
     return f"{a}{unit}" if a == b else f"{a}–{b}{unit}"
 
 
-def markdown_table(results: list[Measurement], primary: str = "prefcore") -> str:
+def markdown_table(results: list[Measurement], primary: str = "prefcore", limits: Sequence[dict] | None = None) -> str:
     """One row per (regime, threads, op, config, mode, impl): the median over processes of
     the per-process medians with the widest p20–p80, the range of per-process medians, the
-    range over processes of prefcore's speed-up (each a ratio within one process), and peak
-    extra tensor memory."""
+    range over processes of prefcore's speed-up (each a ratio within one process), peak
+    extra tensor memory, and the range over processes of the rate over its limit (:class:`Bound`,
+    each against the limits measured in that process)."""
     head = ["op", "config", "mode", "impl", "threads", "median ms (p20–p80)", "process medians ms",
-            "prefcore speed-up", "peak extra MiB"]
+            "prefcore speed-up", "peak extra MiB", "% of limit"]
     regimes = list(dict.fromkeys(m.regime for m in results))
     if regimes != [HEADLINE]:
         head.insert(4, "regime")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in summarize(results, primary):
+    for s in summarize(results, primary, limits):
         cells = [s.op, s.config, s.mode, s.impl]
         if regimes != [HEADLINE]:
             cells.append(s.regime)
@@ -321,7 +506,7 @@ def markdown_table(results: list[Measurement], primary: str = "prefcore") -> str
                   f"{s.median_ms:.2f} ({s.p20_ms:.2f}–{s.p80_ms:.2f})",
                   _span(s.process_medians, ".2f") + f" ({len(s.process_medians)} proc.)",
                   "—" if s.impl == primary else (_span(s.speedups, ".1f", "×") if s.speedups else "n/a"),
-                  "n/a" if s.peak_mb is None else f"{s.peak_mb:.1f}"]
+                  "n/a" if s.peak_mb is None else f"{s.peak_mb:.1f}", limit_cell(s)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -362,7 +547,7 @@ def machine_slug(info: dict, threads: Sequence[int]) -> str:
 
 
 def _run_child(argv: list[str], env_extra: dict[str, str], threads: int, process: int,
-               regime: str) -> list[Measurement]:
+               regime: str) -> tuple[list[Measurement], dict]:
     """Time the cases in a fresh child process (the user's environment plus ``env_extra``,
     which is empty for the headline)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -373,7 +558,8 @@ def _run_child(argv: list[str], env_extra: dict[str, str], threads: int, process
             raise RuntimeError(f"benchmark process {process} ({regime}, {threads} threads) failed "
                                "(its output is above)")
         with open(path) as f:
-            return [Measurement(**m) for m in json.load(f)]
+            data = json.load(f)
+        return [Measurement(**m) for m in data["results"]], data["limits"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -429,13 +615,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.child_out is not None:  # a child: time, hand the measurements back
         torch.set_num_threads(threads[0])
+        # The limits first, in this process at its thread count (before the cases fill the heap).
+        limits = {"threads": threads[0], "process": args.child_process,
+                  **measure_limits(device, smoke=args.smoke)}
+        print(f"  [limits {threads[0]}t p{args.child_process}] GEMM fp32 {limits['gemm_fp32_gflops']:.0f} GFLOP/s, "
+              f"bf16 {limits['gemm_bf16_gflops']:.0f} GFLOP/s; copy {limits['copy_gbps']:.1f} GB/s")
         results: list[Measurement] = []
         for case in cases:
             results.extend(run_case(case, device, use_compile=not args.no_compile, regime=args.child_regime,
                                     process=args.child_process, budget_s=args.budget,
                                     warmup_s=0.0 if args.smoke else 0.5, smoke=args.smoke))
         with open(args.child_out, "w") as f:
-            json.dump([asdict(m) for m in results], f)
+            json.dump({"results": [asdict(m) for m in results], "limits": limits}, f)
         return 0
 
     info = machine_info(device, default_threads)
@@ -450,18 +641,21 @@ def main(argv: Sequence[str] | None = None) -> int:
           + f", threads {threads}{same}, {args.processes} processes each")
     child_argv = _strip_option(argv, ("--out", "--regime", "--threads", "--processes"), ("--no-save", "--preliminary"))
     results = []
+    all_limits: list[dict] = []
     failed = False
     for t in threads:
         for proc in range(args.processes):
             try:
-                results.extend(_run_child(child_argv, env_extra, t, proc, regime))
+                got, lim = _run_child(child_argv, env_extra, t, proc, regime)
+                results.extend(got)
+                all_limits.append(lim)
             except RuntimeError as e:  # keep what the other processes measured
                 print(f"error: {e}", file=sys.stderr)
                 failed = True
     if not results:
         return 1
     print()
-    print(markdown_table(results))
+    print(markdown_table(results, limits=all_limits))
     if not args.no_save:
         now = _dt.datetime.now(_dt.timezone.utc)
         date = now.date().isoformat()
@@ -477,7 +671,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "regime": regime, "headline": regime in (HEADLINE, "cuda") and not args.smoke,
                    "smoke": args.smoke, "preliminary": args.preliminary, "threads": threads,
                    "processes": args.processes, "budget_s": args.budget, "load_average_at_end": load,
-                   "allocator_env_added": env_extra, "results": [asdict(m) for m in results],
+                   "allocator_env_added": env_extra, "limits": all_limits,
+                   "warmup": {"min_calls": WARMUP_MIN_CALLS, "max_calls": WARMUP_MAX_CALLS,
+                              "rule": "until a call's minor page faults stop falling"},
+                   "results": [asdict(m) for m in results],
                    "ratios": ratios(results)}
         tmp_path = path + ".tmp"
         with open(tmp_path, "w") as f:

@@ -26,6 +26,13 @@ micro-batch, one micro-batch). TRL: no vLLM, ``report_to=[]``, no saving, no log
 the run, no gradient checkpointing (prefcore's default is off; TRL's default ``True`` would trade
 time for memory, so it is switched off to keep the setups identical).
 
+**Precision** (``--precision``, repeatable; default both). ``fp32``: everything in float32.
+``bf16``: prefcore ``bf16=True`` (``torch.autocast("cpu", torch.bfloat16)`` around sampling and
+the log-prob passes, whose fused LM-head op then takes its bf16 path; fp32 master weights and
+AdamW) and TRL ``bf16=True`` (the Trainer's CPU bf16 autocast through accelerate). The rows are
+labelled ``prefcore``/``trl`` (fp32) and ``prefcore bf16``/``trl bf16``; the ratios are taken
+within a precision, plus prefcore bf16 over prefcore fp32.
+
 **What is timed.** Each implementation runs one warm-up step (not recorded: it allocates the
 AdamW state and warms caches) and then ``--steps`` steps; per step the wall time and a split:
 
@@ -82,9 +89,17 @@ import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 IMPLS = ("prefcore", "trl")
+PRECISIONS = ("fp32", "bf16")
 VOCABS = {"small": None, "32k": 32000}  # None: the text world's own vocabulary
 PHASES = ("generate", "score", "update")
-TARGETS = {"vocab": "32k", "min_steps_per_s_ratio": 1.3, "max_peak_mem_ratio": 0.7}
+# issue 19: at V = 32k, prefcore bf16 faster than prefcore fp32 and ≥ 3× TRL bf16's steps/s.
+TARGETS = {"vocab": "32k", "min_steps_per_s_ratio": 1.3, "max_peak_mem_ratio": 0.7,
+           "min_bf16_steps_per_s_ratio": 3.0, "min_prefcore_bf16_over_fp32": 1.0}
+
+
+def label(impl: str, precision: str) -> str:
+    """The results key of one implementation at one precision: ``prefcore``, ``trl bf16``, ..."""
+    return impl if precision == "fp32" else f"{impl} {precision}"
 
 
 # ---- setup shared by both implementations -------------------------------------------------------
@@ -176,7 +191,7 @@ class PeakRSS:
 
 # ---- the two implementations (run in a child process) --------------------------------------------
 
-def run_prefcore(model_dir: str, cfg: dict[str, Any], steps: int, work: str) -> dict[str, Any]:
+def run_prefcore(model_dir: str, cfg: dict[str, Any], steps: int, work: str, bf16: bool) -> dict[str, Any]:
     from prefcore.train.policy import PolicyConfig
     from prefcore.train.policy.trainer import PolicyTrainer
 
@@ -187,7 +202,7 @@ def run_prefcore(model_dir: str, cfg: dict[str, Any], steps: int, work: str) -> 
                       learning_rate=cfg["learning_rate"], kl_coef=cfg["kl_coef"], kl_estimator="k1",
                       max_grad_norm=cfg["max_grad_norm"], epsilon=cfg["epsilon"], seed=cfg["seed"],
                       max_steps=steps + 1, save_steps=10**9, output_dir=os.path.join(work, "prefcore-run"),
-                      no_progress=True, device="cpu")
+                      no_progress=True, device="cpu", bf16=bf16)
     trainer = PolicyTrainer(pc, prompts=prompts, reward=reward)
     lp_time = [0.0]
     inner = trainer._logprobs
@@ -217,7 +232,7 @@ def run_prefcore(model_dir: str, cfg: dict[str, Any], steps: int, work: str) -> 
     return {"records": records[1:], "warmup": records[0], "peak_mem_mib": peak, "setup_rss_mib": setup_rss}
 
 
-def run_trl(model_dir: str, cfg: dict[str, Any], steps: int, work: str) -> dict[str, Any]:
+def run_trl(model_dir: str, cfg: dict[str, Any], steps: int, work: str, bf16: bool) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
@@ -230,7 +245,7 @@ def run_trl(model_dir: str, cfg: dict[str, Any], steps: int, work: str) -> dict[
                       top_p=1.0, top_k=0, learning_rate=cfg["learning_rate"], beta=cfg["kl_coef"],
                       max_grad_norm=cfg["max_grad_norm"], epsilon=cfg["epsilon"], weight_decay=0.0,
                       optim="adamw_torch", lr_scheduler_type="constant", warmup_steps=0,
-                      gradient_checkpointing=False, use_vllm=False, use_cpu=True, bf16=False,
+                      gradient_checkpointing=False, use_vllm=False, use_cpu=True, bf16=bf16,
                       max_steps=steps + 1, logging_steps=10**9, save_strategy="no", report_to=[],
                       disable_tqdm=True, log_completions=False, seed=cfg["seed"], dataloader_num_workers=0)
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -285,11 +300,12 @@ def run_trl(model_dir: str, cfg: dict[str, Any], steps: int, work: str) -> dict[
     return out
 
 
-def child_main(impl: str, model_dir: str, cfg: dict[str, Any], steps: int, threads: int, out_path: str) -> None:
+def child_main(impl: str, precision: str, model_dir: str, cfg: dict[str, Any], steps: int, threads: int,
+               out_path: str) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(cfg["seed"])
     with tempfile.TemporaryDirectory() as work:
-        res = (run_prefcore if impl == "prefcore" else run_trl)(model_dir, cfg, steps, work)
+        res = (run_prefcore if impl == "prefcore" else run_trl)(model_dir, cfg, steps, work, precision == "bf16")
     res["torch_threads"] = torch.get_num_threads()
     with open(out_path, "w") as f:
         json.dump(res, f)
@@ -345,21 +361,26 @@ def _load() -> list[float]:
     return list(os.getloadavg())
 
 
-def _run_child(impl: str, model_dir: str, cfg: dict[str, Any], steps: int, threads: int) -> dict[str, Any]:
+def _run_child(impl: str, precision: str, model_dir: str, cfg: dict[str, Any], steps: int,
+               threads: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "child.json")
-        cmd = [sys.executable, "-m", "bench.policy_step", "--_child", impl, "--_model-dir", model_dir,
+        cmd = [sys.executable, "-m", "bench.policy_step", "--_child", impl, "--precision", precision,
+               "--_model-dir", model_dir,
                "--_cfg", json.dumps(cfg), "--steps", str(steps), "--threads", str(threads), "--_out", out]
         env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
                "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"the {impl} child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"the {label(impl, precision)} child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
         with open(out) as f:
             return json.load(f)
 
 
-def run_all(quick: bool, steps: int, rounds: int, threads: int, vocabs: list[str]) -> dict[str, Any]:
+def run_all(quick: bool, steps: int, rounds: int, threads: int, vocabs: list[str],
+            precisions: list[str] | None = None) -> dict[str, Any]:
+    precisions = precisions or ["fp32"]
+    rows = [(impl, p) for p in precisions for impl in IMPLS]
     cfg = setup_config(quick)
     info = machine_info(threads)
     load_before = _load()
@@ -369,23 +390,26 @@ def run_all(quick: bool, steps: int, rounds: int, threads: int, vocabs: list[str
     for vocab in vocabs:
         with tempfile.TemporaryDirectory() as model_dir:
             write_model(model_dir, vocab, cfg)
-            runs: dict[str, list] = {impl: [] for impl in IMPLS}
+            runs: dict[str, list] = {label(*row): [] for row in rows}
             for r in range(rounds):
-                for impl in (IMPLS if r % 2 == 0 else IMPLS[::-1]):
-                    runs[impl].append(_run_child(impl, model_dir, cfg, steps, threads))
-        results[vocab] = {impl: summarize(runs[impl]) for impl in IMPLS}
-        p, t = results[vocab]["prefcore"], results[vocab]["trl"]
-        ratios[vocab] = {
-            "steps_per_s_prefcore_over_trl": t["step_s"]["median"] / p["step_s"]["median"],
-            "peak_mem_prefcore_over_trl": (p["peak_mem_mib"] / t["peak_mem_mib"]) if t["peak_mem_mib"] > 0 else None,
-        }
+                for impl, prec in (rows if r % 2 == 0 else rows[::-1]):
+                    runs[label(impl, prec)].append(_run_child(impl, prec, model_dir, cfg, steps, threads))
+        results[vocab] = {key: summarize(val) for key, val in runs.items()}
+        ratios[vocab] = _ratios(results[vocab])
     tv = TARGETS["vocab"]
     met = None
     if tv in ratios:
         rr = ratios[tv]
-        met = {"steps_per_s": rr["steps_per_s_prefcore_over_trl"] >= TARGETS["min_steps_per_s_ratio"],
-               "peak_mem": rr["peak_mem_prefcore_over_trl"] is not None
-               and rr["peak_mem_prefcore_over_trl"] <= TARGETS["max_peak_mem_ratio"]}
+        met = {}
+        if "steps_per_s_prefcore_over_trl" in rr:
+            met["steps_per_s"] = rr["steps_per_s_prefcore_over_trl"] >= TARGETS["min_steps_per_s_ratio"]
+            met["peak_mem"] = (rr["peak_mem_prefcore_over_trl"] is not None
+                               and rr["peak_mem_prefcore_over_trl"] <= TARGETS["max_peak_mem_ratio"])
+        if "bf16_steps_per_s_prefcore_over_trl" in rr:
+            met["bf16_steps_per_s"] = rr["bf16_steps_per_s_prefcore_over_trl"] >= TARGETS["min_bf16_steps_per_s_ratio"]
+        if "steps_per_s_prefcore_bf16_over_fp32" in rr:
+            met["prefcore_bf16_over_fp32"] = (rr["steps_per_s_prefcore_bf16_over_fp32"]
+                                              > TARGETS["min_prefcore_bf16_over_fp32"])
     return {
         "benchmark": "policy_step", "date": _dt.date.today().isoformat(),
         "datetime_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -393,9 +417,32 @@ def run_all(quick: bool, steps: int, rounds: int, threads: int, vocabs: list[str
         "load_avg_before": load_before, "load_avg_after": _load(), "wall_s": time.perf_counter() - started,
         "config": {**cfg, "vocab_sizes": {v: VOCABS[v] or len(build_tokenizer(None)) for v in vocabs},
                    "algo": "rloo", "warmup_steps": 1},
-        "command": "python -m bench.policy_step" + (" --quick" if quick else ""),
+        "precisions": precisions,
+        "command": "python -m bench.policy_step" + (" --quick" if quick else "")
+                   + "".join(f" --precision {p}" for p in precisions if precisions != list(PRECISIONS)),
         "results": results, "ratios": ratios, "targets": TARGETS, "targets_met": met,
     }
+
+
+def _ratios(per: dict[str, Any]) -> dict[str, Any]:
+    """Step-time ratios within one vocabulary (keys present only where both rows ran): prefcore
+    over TRL at fp32 and at bf16, and prefcore bf16 over prefcore fp32 — each a seconds-per-step
+    quotient, i.e. the steps per second of the first over the second."""
+    def speed(a: str, b: str) -> float:
+        return per[b]["step_s"]["median"] / per[a]["step_s"]["median"]
+
+    def mem(a: str, b: str) -> float | None:
+        return per[a]["peak_mem_mib"] / per[b]["peak_mem_mib"] if per[b]["peak_mem_mib"] > 0 else None
+
+    out: dict[str, Any] = {}
+    for prefix, prec in (("", "fp32"), ("bf16_", "bf16")):
+        p, t = label("prefcore", prec), label("trl", prec)
+        if p in per and t in per:
+            out[f"{prefix}steps_per_s_prefcore_over_trl"] = speed(p, t)
+            out[f"{prefix}peak_mem_prefcore_over_trl"] = mem(p, t)
+    if "prefcore" in per and "prefcore bf16" in per:
+        out["steps_per_s_prefcore_bf16_over_fp32"] = speed("prefcore bf16", "prefcore")
+    return out
 
 
 def machine_slug(info: dict[str, Any]) -> str:
@@ -413,9 +460,15 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{ph['update']['median']:.3f} ({ph['ref_old_logprobs']['median']:.3f}) | "
                          f"{s['peak_mem_mib']:.1f} | {s['mean_completion_length']:.1f} |")
     for vocab, r in res["ratios"].items():
-        mem = r["peak_mem_prefcore_over_trl"]
-        lines.append(f"\nV={vocab}: prefcore/TRL steps per second {r['steps_per_s_prefcore_over_trl']:.2f}×, "
-                     f"peak memory {'n/a' if mem is None else f'{mem:.2f}×'}")
+        for prefix, name in (("", "prefcore/TRL"), ("bf16_", "bf16: prefcore/TRL")):
+            if f"{prefix}steps_per_s_prefcore_over_trl" not in r:
+                continue
+            mem = r[f"{prefix}peak_mem_prefcore_over_trl"]
+            lines.append(f"\nV={vocab}: {name} steps per second {r[f'{prefix}steps_per_s_prefcore_over_trl']:.2f}×, "
+                         f"peak memory {'n/a' if mem is None else f'{mem:.2f}×'}")
+        if "steps_per_s_prefcore_bf16_over_fp32" in r:
+            lines.append(f"\nV={vocab}: prefcore bf16/fp32 steps per second "
+                         f"{r['steps_per_s_prefcore_bf16_over_fp32']:.2f}×")
     return "\n".join(lines)
 
 
@@ -426,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="child processes per implementation (default 2)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every child (default 2)")
     ap.add_argument("--vocab", action="append", choices=list(VOCABS), help="only this vocabulary (repeatable)")
+    ap.add_argument("--precision", action="append", choices=list(PRECISIONS),
+                    help="fp32 and/or bf16 (repeatable; default both). bf16: prefcore --bf16 (CPU autocast, fp32 "
+                         "master weights) and TRL bf16=True")
     ap.add_argument("--out", default=None, help="results path (default bench/results/policy-step-<machine>-<date>.json)")
     ap.add_argument("--_child", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--_model-dir", dest="model_dir", help=argparse.SUPPRESS)
@@ -439,9 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     if steps < 1 or rounds < 1:
         ap.error(f"--steps and --rounds must be >= 1, got {steps} and {rounds}")
     if a._child:
-        child_main(a._child, a.model_dir, json.loads(a.cfg), steps, a.threads, a.child_out)
+        precision = (a.precision or ["fp32"])[0]
+        child_main(a._child, precision, a.model_dir, json.loads(a.cfg), steps, a.threads, a.child_out)
         return 0
-    res = run_all(a.quick, steps, rounds, a.threads, a.vocab or list(VOCABS))
+    res = run_all(a.quick, steps, rounds, a.threads, a.vocab or list(VOCABS), list(dict.fromkeys(a.precision or PRECISIONS)))
     path = a.out or os.path.join(RESULTS_DIR, f"policy-step-{machine_slug(res['machine'])}-{res['date']}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"

@@ -123,3 +123,58 @@ def test_cli_smoke_run_in_child_processes(tmp_path):
     assert {m["process"] for m in data["results"]} == {0, 1}
     assert all(m["threads"] == 1 and m["regime"] == "ordinary" for m in data["results"])
     assert data["machine"]["torch"] == torch.__version__ and data["datetime_utc"]
+    # The limits were measured in each child, at its thread count; every row records its warm-up.
+    assert [(lim["threads"], lim["process"]) for lim in data["limits"]] == [(1, 0), (1, 1)]
+    assert all(lim["copy_gbps"] > 0 and lim["gemm_bf16_gflops"] > 0 for lim in data["limits"])
+    assert all(m["warmup_calls"] >= 2 for m in data["results"])
+
+
+# ---- issue 19: warm-up, the machine's limits, % of limit --------------------------------------
+
+def test_warm_up_runs_until_page_faults_stop_falling():
+    # Calls 1–4 touch fresh pages, fewer each time (4, 3, 2, 1 MiB kept alive); from call 5 none.
+    # The faults fall for 5 calls; call 6 is the first that is no new minimum.
+    kept: list[torch.Tensor] = []
+
+    def fn(x):
+        n = 4 - len(kept)
+        if n > 0:
+            kept.append(torch.ones(n * 2**18))  # n MiB of float32, first touched here
+        return x + 1
+
+    tm = harness.measure(fn, (torch.zeros(4),), {}, "fwd", _DEVICE, warmup_s=0.0, budget_s=10.0, min_reps=3,
+                         max_reps=3, peak=False)
+    assert tm.warmup_calls == 6 and len(kept) == 4
+    assert tm.minflt_per_call < 64 and len(tm.times_ms) == 3
+
+
+def test_limits_are_measured_and_positive():
+    lim = harness.measure_limits(_DEVICE, smoke=True)
+    for key in ("gemm_fp32_gflops", "gemm_bf16_gflops", "copy_gbps"):
+        assert lim[key] > 0 and lim[key] == lim[key], key
+    assert lim["gemm_fp32_size"] == lim["gemm_bf16_size"] == 64
+
+
+def test_case_work_counts_compulsory_bytes_and_gemm_flops():
+    x = torch.zeros(10, 3, requires_grad=True)  # 120 B
+    y = torch.zeros(10, 3)                      # 120 B; output (10, 3) float32: 120 B
+    case = harness.BenchCase("toy", "c", lambda d: ((x, y), {}), {"prefcore": lambda a, b: a * b},
+                             bound=harness.COPY)
+    assert harness.case_work(case, (x, y), {}, "fwd") == {"bound": "copy", "work": 360.0}
+    assert harness.case_work(case, (x, y), {}, "fwd+bwd") == {"bound": "copy", "work": 480.0}  # + x's grad
+    tl = next(c for c in all_cases() if c.op == "token_logprobs" and "bf16" in c.config)
+    args, kwargs = tl.smoke_inputs(_DEVICE)  # N=8, H=16, V=64
+    assert harness.case_work(tl, args, kwargs, "fwd") == {"bound": "gemm_bf16", "work": 2.0 * 8 * 16 * 64}
+    assert harness.case_work(tl, args, kwargs, "fwd+bwd")["work"] == 6.0 * 8 * 16 * 64
+
+
+def test_percent_of_limit_uses_the_same_process_limits():
+    def m(process: int, ms: float) -> harness.Measurement:
+        return harness.Measurement("toy", "c", "fwd", "prefcore", ms, ms, ms, 5, None, threads=2, process=process,
+                                   bound="copy", work=1e9)
+    results = [m(0, 100.0), m(1, 200.0)]  # 10 GB/s and 5 GB/s of compulsory traffic
+    limits = [{"threads": 2, "process": 0, "copy_gbps": 20.0}, {"threads": 2, "process": 1, "copy_gbps": 20.0}]
+    (s,) = harness.summarize(results, limits=limits)
+    assert s.limit_fractions == pytest.approx([0.5, 0.25])
+    assert "| 25–50% copy |" in harness.markdown_table(results, limits=limits)
+    assert harness.markdown_table(results).endswith("| — |")  # an older file: no limits recorded

@@ -1,7 +1,8 @@
 """Smoke test of ``bench/policy_step.py``: ``pytest bench/test_policy_step.py -q``.
 
 Runs the quick mode (2 prompts × 2 generations, 8 new tokens, one measured step) on the small
-vocabulary — two child processes, one per implementation — and checks the results file's
+vocabulary in bf16 (the fp32 rows run the same code without autocast) — two child processes,
+one per implementation — and checks the results file's
 structure; plus the pieces the full run relies on (the 32k tokenizer, the percentile helper).
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ def test_quick_run_writes_the_results_file(tmp_path):
     out = tmp_path / "policy-step.json"
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "bench.policy_step", "--quick", "--vocab", "small", "--threads", "1",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           "--precision", "bf16", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     for key in ("machine", "date", "threads", "load_avg_before", "load_avg_after", "config", "results", "ratios"):
@@ -47,8 +48,9 @@ def test_quick_run_writes_the_results_file(tmp_path):
     for key in ("torch", "transformers", "trl", "cpu", "torch_threads"):
         assert key in res["machine"], key
     assert res["threads"] == res["machine"]["torch_threads"] == 1
-    assert set(res["results"]) == {"small"}
-    for impl in ps.IMPLS:
+    assert set(res["results"]) == {"small"} and res["precisions"] == ["bf16"]
+    assert set(res["results"]["small"]) == {"prefcore bf16", "trl bf16"}
+    for impl in ("prefcore bf16", "trl bf16"):
         s = res["results"]["small"][impl]
         assert s["steps_measured"] == 1
         st = s["step_s"]
@@ -61,6 +63,24 @@ def test_quick_run_writes_the_results_file(tmp_path):
         assert s["peak_mem_mib"] >= 0
         assert 1 <= s["mean_completion_length"] <= res["config"]["max_completion_length"]
     r = res["ratios"]["small"]
-    assert r["steps_per_s_prefcore_over_trl"] == pytest.approx(
-        res["results"]["small"]["trl"]["step_s"]["median"] / res["results"]["small"]["prefcore"]["step_s"]["median"])
+    assert set(r) == {"bf16_steps_per_s_prefcore_over_trl", "bf16_peak_mem_prefcore_over_trl"}
+    assert r["bf16_steps_per_s_prefcore_over_trl"] == pytest.approx(
+        res["results"]["small"]["trl bf16"]["step_s"]["median"]
+        / res["results"]["small"]["prefcore bf16"]["step_s"]["median"])
+    assert "bf16: prefcore/TRL steps per second" in ps.markdown(res)
     assert res["targets_met"] is None  # the targets are judged at V = 32k only
+
+
+def test_ratios_within_and_across_precisions():
+    def row(step_s: float, mem: float) -> dict:
+        return {"step_s": {"median": step_s}, "peak_mem_mib": mem}
+
+    per = {"prefcore": row(2.0, 100.0), "trl": row(6.0, 400.0), "prefcore bf16": row(1.0, 80.0),
+           "trl bf16": row(5.0, 0.0)}
+    r = ps._ratios(per)
+    assert r["steps_per_s_prefcore_over_trl"] == pytest.approx(3.0)
+    assert r["peak_mem_prefcore_over_trl"] == pytest.approx(0.25)
+    assert r["bf16_steps_per_s_prefcore_over_trl"] == pytest.approx(5.0)
+    assert r["bf16_peak_mem_prefcore_over_trl"] is None  # no measurable TRL rise
+    assert r["steps_per_s_prefcore_bf16_over_fp32"] == pytest.approx(2.0)
+    assert ps._ratios({"prefcore": row(1.0, 1.0)}) == {}

@@ -22,8 +22,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.harness import Measurement, markdown_table, summarize  # noqa: E402
-from bench.targets import TARGETS, THREADS  # noqa: E402
+from bench.harness import Measurement, limit_cell, markdown_table, summarize  # noqa: E402
+from bench.targets import LIMIT_TARGETS, TARGETS, THREADS  # noqa: E402
 
 BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
 # One RLOO step, prefcore vs TRL (bench/policy_step.py), in a block of its own.
@@ -67,11 +67,17 @@ def _replace_block(text: str, begin: str, end: str, body: str) -> str:
     return f"{pre}{begin}\n{body}\n{end}{post}"
 
 
-def _targets_table(results: list[Measurement]) -> str:
+def _targets_table(results: list[Measurement], limits: list[dict] | None = None) -> str:
     lines = ["| target (2 threads) | config | measured (lowest–highest process) | met |", "|---|---|---|---|"]
-    for s in summarize(results):
+    for s in summarize(results, limits=limits):
         if s.threads != THREADS:
             continue
+        for lt in LIMIT_TARGETS:
+            if s.op == lt.op and lt.config in s.config and s.mode == lt.mode and s.impl == "prefcore":
+                # Files recorded before the limits were measured cannot judge these targets.
+                met = "n/a" if not s.limit_fractions else ("yes" if min(s.limit_fractions) >= lt.minimum else "**no**")
+                lines.append(f"| {lt.op} {lt.mode} ≥ {100 * lt.minimum:g}% of its limit | {s.config} | "
+                             f"{limit_cell(s)} | {met} |")
         for t in TARGETS:
             if s.op == t.op and t.config in s.config and s.mode == t.mode and s.impl == t.baseline and s.speedups:
                 met = "yes" if min(s.speedups) >= t.minimum else "**no**"
@@ -95,7 +101,18 @@ def render(path: str) -> str:
     env = mach.get("environment") or {}
     if env:
         head += " Environment: " + ", ".join(f"`{k}={v}`" for k, v in sorted(env.items())) + "."
-    return "\n\n".join([head, markdown_table(results), _targets_table(results)])
+    limits = data.get("limits")
+    if limits:
+        head += (f" Limits measured in each process (`torch.mm` n×n, a {limits[0]['copy_bytes'] / 2**20:.0f} MiB "
+                 "copy): " + "; ".join(
+                     f"{lim['threads']}t p{lim['process']}: fp32 {lim['gemm_fp32_gflops']:.0f} (n={lim['gemm_fp32_size']}), "
+                     f"bf16 {lim['gemm_bf16_gflops']:.0f} (n={lim['gemm_bf16_size']}) GFLOP/s, copy "
+                     f"{lim['copy_gbps']:.1f} GB/s" for lim in limits) + ".")
+    warm = data.get("warmup")
+    if warm:
+        head += (f" Warm-up: untimed calls per row {warm['rule']} (at least {warm['min_calls']} calls and 0.5 s; "
+                 f"past {warm['max_calls']} calls the time alone; per-row counts in the JSON).")
+    return "\n\n".join([head, markdown_table(results, limits=limits), _targets_table(results, limits)])
 
 
 def main(argv: list[str] | None = None) -> int:

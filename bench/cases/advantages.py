@@ -10,7 +10,7 @@ import functools
 import torch
 
 import prefcore
-from bench.harness import BenchCase
+from bench.harness import COPY, BenchCase
 from prefcore.ops import reference
 
 
@@ -46,12 +46,12 @@ _GAE_IMPLS = {
 
 CASES = [
     BenchCase("kl_penalized_advantages", "rloo B=512 T=1024 k=4 k1", _inputs(512, 1024, "rloo", "k1"),
-              _GROUP_IMPLS, backward=False, smoke_inputs=_inputs(8, 16, "rloo", "k1")),
+              _GROUP_IMPLS, backward=False, smoke_inputs=_inputs(8, 16, "rloo", "k1"), bound=COPY),
     BenchCase("kl_penalized_advantages", "grpo B=512 T=1024 k=4 k3", _inputs(512, 1024, "grpo", "k3"),
-              _GROUP_IMPLS, backward=False, smoke_inputs=_inputs(8, 16, "grpo", "k3")),
+              _GROUP_IMPLS, backward=False, smoke_inputs=_inputs(8, 16, "grpo", "k3"), bound=COPY),
     # Compiling the Python loop would unroll T steps; only the vectorised variant is compiled.
     BenchCase("kl_penalized_advantages", "gae B=512 T=1024 k1 γ=1 λ=0.95", _inputs(512, 1024, "gae", "k1"),
-              _GAE_IMPLS, compile=("reference_vectorized",), backward=False, smoke_inputs=_inputs(4, 40, "gae", "k1")),
+              _GAE_IMPLS, compile=("reference_vectorized",), backward=False, smoke_inputs=_inputs(4, 40, "gae", "k1"), bound=COPY),
     BenchCase("kl_penalized_advantages", "gae B=64 T=4096 k1 γ=1 λ=0.95", _inputs(64, 4096, "gae", "k1"),
-              _GAE_IMPLS, compile=("reference_vectorized",), backward=False, smoke_inputs=_inputs(2, 70, "gae", "k1")),
+              _GAE_IMPLS, compile=("reference_vectorized",), backward=False, smoke_inputs=_inputs(2, 70, "gae", "k1"), bound=COPY),
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import prefcore
-from bench.harness import BenchCase
+from bench.harness import COPY, BenchCase
 from prefcore.ops import reference
 
 
@@ -30,11 +30,11 @@ def _utility_inputs(b: int = 65536, m: int = 19, q: int = 19):
 CASES = [
     BenchCase("pinball_loss", "B=8192 M=19 Q=19 N=10", _pinball_inputs(0.0),
               {"prefcore": prefcore.ops.pinball_loss, "reference": reference.pinball_loss},
-              smoke_inputs=_pinball_inputs(0.0, 8, 3, 5, 4)),
+              smoke_inputs=_pinball_inputs(0.0, 8, 3, 5, 4), bound=COPY),
     BenchCase("pinball_loss", "B=8192 M=19 Q=19 N=10 kappa=1", _pinball_inputs(1.0),
               {"prefcore": prefcore.ops.pinball_loss, "reference": reference.pinball_loss},
-              smoke_inputs=_pinball_inputs(1.0, 8, 3, 5, 4)),
+              smoke_inputs=_pinball_inputs(1.0, 8, 3, 5, 4), bound=COPY),
     BenchCase("exp_utility", "gated B=65536 M=19 Q=19 ce", _utility_inputs(),
               {"prefcore": prefcore.ops.exp_utility, "reference": reference.exp_utility},
-              smoke_inputs=_utility_inputs(8, 3, 5)),
+              smoke_inputs=_utility_inputs(8, 3, 5), bound=COPY),
 ]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import prefcore
-from bench.harness import BenchCase
+from bench.harness import BenchCase, Bound
 from prefcore.ops import reference
 
 CHUNK = 1024  # tokens per chunk of the chunked pure-PyTorch baseline (TRL/verl-style)
@@ -26,6 +26,16 @@ def chunked_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """PyTorch's fused loss as a log-prob: −F.linear_cross_entropy(reduction="none")."""
     return -F.linear_cross_entropy(hidden, weight, targets, reduction="none")
+
+
+def _flops(args: tuple, kwargs: dict, mode: str) -> float:
+    """Nominal flops of the LM-head products: 2·N·H·V forward (z = h·Wᵀ), 6·N·H·V forward and
+    backward (plus dh = g·W and dW = gᵀ·h); the softmax's O(N·V) work is not counted."""
+    (n, h), v = args[0].shape, args[1].shape[0]
+    return (2 if mode == "fwd" else 6) * n * h * v
+
+
+GEMM = Bound("gemm", _flops)
 
 
 def _inputs(n: int, h: int, v: int, dtype: torch.dtype, grad: bool):
@@ -52,9 +62,10 @@ def _impls(big: bool) -> dict:
 
 CASES = [
     BenchCase("token_logprobs", "N=2048 H=512 V=32768 fp32", _inputs(2048, 512, 32768, torch.float32, True),
-              _impls(False), compile=("chunked",), smoke_inputs=_inputs(8, 16, 64, torch.float32, True)),
+              _impls(False), compile=("chunked",), smoke_inputs=_inputs(8, 16, 64, torch.float32, True), bound=GEMM),
     BenchCase("token_logprobs", "N=2048 H=512 V=32768 bf16", _inputs(2048, 512, 32768, torch.bfloat16, True),
-              _impls(False), compile=("chunked",), smoke_inputs=_inputs(8, 16, 64, torch.bfloat16, True)),
+              _impls(False), compile=("chunked",), smoke_inputs=_inputs(8, 16, 64, torch.bfloat16, True), bound=GEMM),
     BenchCase("token_logprobs", "N=8192 H=896 V=151936 fp32 fwd", _inputs(8192, 896, 151936, torch.float32, False),
-              _impls(True), compile=("chunked",), backward=False, smoke_inputs=_inputs(8, 16, 64, torch.float32, False)),
+              _impls(True), compile=("chunked",), backward=False, smoke_inputs=_inputs(8, 16, 64, torch.float32, False),
+              bound=GEMM),
 ]

@@ -1,11 +1,22 @@
 """prefcore's data layer (DESIGN §4): the ratings / pairs / attributes schemas with row
 validation, JSONL/Parquet loading through 🤗 ``datasets`` (local files only), atomic JSONL
-writing, and adapters from public datasets (HelpSteer2, UltraFeedback, HH-RLHF, long
-multi-annotator tables).
+writing, adapters from public datasets (HelpSteer2, UltraFeedback, HH-RLHF, long
+multi-annotator tables), and batching for fine-tuning (truncation that keeps the response's
+end, length-grouped rank-sharded batches: :mod:`prefcore.data.batching`).
 
 ``datasets`` is imported only when a file is read, so importing this package is cheap.
 """
 from prefcore.data import synthetic, text_world
+from prefcore.data.batching import (
+    TOO_LONG,
+    LengthGroupedBatchSampler,
+    TruncationStats,
+    collate_pairs,
+    pad_rows,
+    pair_length,
+    truncate_example,
+    truncate_pair,
+)
 from prefcore.data.adapters import (
     HELPSTEER2_ATTRIBUTES,
     ULTRAFEEDBACK_ASPECTS,
@@ -70,4 +81,13 @@ __all__ = [
     "hh_rlhf_row",
     "load_hh_rlhf",
     "load_multi_annotator",
+    # batching
+    "TOO_LONG",
+    "TruncationStats",
+    "truncate_example",
+    "truncate_pair",
+    "LengthGroupedBatchSampler",
+    "pad_rows",
+    "collate_pairs",
+    "pair_length",
 ]

@@ -20,6 +20,7 @@ from prefcore.models.heads import (
     ScalarHeadConfig,
     default_taus,
 )
+from prefcore.models.packing import PACKING, PackingChoice, PairFeatures, pair_features, resolve_packing
 from prefcore.models.pooling import POOLINGS, pooled_features, position_ids_from_mask
 from prefcore.models.reward_model import RewardModel, load_backbone
 
@@ -28,4 +29,5 @@ __all__ = [
     "MeanVariance", "MeanVarianceHead", "MeanVarianceHeadConfig", "MixtureParams", "QuantileHead",
     "QuantileHeadConfig", "RewardModel", "ScalarHead", "ScalarHeadConfig", "build_head", "default_taus",
     "head_config_from_dict", "head_config_to_dict", "load_backbone", "pooled_features", "position_ids_from_mask",
+    "PACKING", "PackingChoice", "PairFeatures", "pair_features", "resolve_packing",
 ]

@@ -95,7 +95,9 @@ class PolicyConfig:
     save_steps: int = 50
     no_progress: bool = field(default=False, metadata={"help": "no tqdm progress bar"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast of the forward passes (GPU)"})
+    bf16: bool = field(default=False, metadata={
+        "help": "bf16 autocast of the forward passes (sampling, log-prob passes, value head) on CPU or "
+                "GPU; master weights and optimizer state stay fp32"})
     gradient_checkpointing: bool = False
     fsdp: bool = field(default=False, metadata={"help": "shard policy and reference with FSDP2 (torchrun)"})
     use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters (peft) instead of all weights"})

@@ -60,6 +60,13 @@ def completion_hidden(trunk: nn.Module, prompt_ids: torch.Tensor, prompt_mask: t
     return hidden[:, lp - 1: lp - 1 + completion_ids.shape[1]]
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast casts a linear layer's inputs to on ``device``, or None when autocast is off there."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
 def completion_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                         completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, temperature: float = 1.0,
                         return_entropy: bool = False):
@@ -68,9 +75,13 @@ def completion_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask:
     hidden states (for a value head). Returns ``(logprobs, entropy | None, hidden)``."""
     base, head = trunk_and_head(model)
     hidden = completion_hidden(base, prompt_ids, prompt_mask, completion_ids, completion_mask)
-    # bf16 autocast leaves the trunk's hidden states in bf16 while the head weight stays fp32:
-    # the op takes one dtype, and accumulates in fp32 either way.
-    res = token_logprobs(hidden.to(head.weight.dtype), head.weight, completion_ids, mask=completion_mask.bool(),
+    # The op takes one dtype for hidden states and weight and accumulates in fp32 either way.
+    # Under autocast (``--bf16``) it runs in the autocast dtype, as autocast runs an LM-head
+    # linear: the fp32 master weight is cast per call (the cast is differentiable, so its
+    # gradient lands in fp32) and the tile products take the op's bf16 path. Without autocast
+    # the hidden states follow the head weight's dtype.
+    dtype = _autocast_dtype(hidden.device) or head.weight.dtype
+    res = token_logprobs(hidden.to(dtype), head.weight.to(dtype), completion_ids, mask=completion_mask.bool(),
                          temperature=temperature, return_entropy=return_entropy)
     if return_entropy:
         return res[0], res[1], hidden
