@@ -138,7 +138,7 @@ def rm_flags(method: str, *, out: Path, feedback: Path, world_dir: Path, seed: i
 
 
 def stage_reward_model(out: Path, flags: Sequence[str], *, progress: bool) -> dict[str, Any]:
-    from prefcore.cli import parse_train_rm
+    from prefcore.train.rm.cli import parse_train_rm
     from prefcore.train.rm import train_reward_model
 
     cfg = parse_train_rm([*flags, *([] if progress else ["--progress", "false"])])
