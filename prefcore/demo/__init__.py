@@ -92,11 +92,16 @@ def _portable(flags: list[str], out: Path) -> list[str]:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Run (or resume) the demo; returns ``eval/metrics.json``'s contents. ``no_progress`` silences
-    every bar and library load report (:mod:`prefcore._progress`)."""
+    """Run (or resume) the demo; returns ``summary.json``'s contents (:func:`report.aggregate`).
+
+    The console shows one line per stage and prefcore's own progress bars (none with
+    ``no_progress``); the libraries' chatter — transformers' load reports ("lm_head.weight
+    UNEXPECTED": the text-world policy is loaded as a backbone without its head, which is intended)
+    and weight-loading bars, datasets' "Generating train split" bars — is always off
+    (:func:`prefcore._progress.library_output`), warnings below errors included."""
     from prefcore._progress import library_output
 
-    with library_output(not cfg.no_progress):
+    with library_output(False):
         return _run_demo(cfg)
 
 

@@ -51,7 +51,7 @@ class DemoSettings:
     @classmethod
     def full(cls) -> DemoSettings:
         return cls(pretrain_steps=300, feedback_prompts=400, heldout_prompts=100, rm_steps=400, gate_steps=150,
-                   rloo_steps=60, rloo_prompts_per_step=8, num_generations=4, eval_prompts=96, eval_samples=4)
+                   rloo_steps=30, rloo_prompts_per_step=8, num_generations=4, eval_prompts=96, eval_samples=4)
 
     @classmethod
     def quick(cls) -> DemoSettings:
