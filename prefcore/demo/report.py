@@ -133,7 +133,7 @@ def finding(name: str, crr: Sequence[tuple[float, float]], mean: Sequence[tuple[
     if fell == n:
         crr_text = f"CRR fell in {_count(n, n)}, by {fmt_pm(drop)}"
     elif fell == 0:
-        crr_text = f"CRR did **not** fall in any of the {_count(n, n)} (change {_pm_signed(c)})"
+        crr_text = f"CRR did **not** fall in any of the {n} seed{'s' if n != 1 else ''} (change {_pm_signed(c)})"
     else:
         crr_text = f"the seeds disagree: CRR fell in only {_count(fell, n)} (change {_pm_signed(c)})"
     lower = sum(d < 0 for d in d_mean)
