@@ -6,12 +6,15 @@
    7–10 annotators, consecutive responses to a prompt voted on (train and held-out sets);
 3. ``rm-bt``, ``rm-qrm``, ``rm-gmm`` — reward models on the policy's frozen features, trained
    exactly as ``prefcore train-rm`` does (the configs are parsed from the printed flags);
-4. ``rloo-<utility>`` — RLOO from the pretrained policy against the QRM reward model with the
+4. ``seed-<s>/rloo-<utility>`` — per seed of ``--seeds``: RLOO from the pretrained policy against the QRM reward model with the
    ``mean``, ``ce:λ``, ``mean-var:α`` and ``cvar:α`` utilities under one KL penalty, exactly as
    ``prefcore train-policy`` does;
-5. ``eval`` — every policy's samples scored on the *true* population (mean rating, CRR, PMR vs
-   the start, left-tail quantiles, KL to the start) and the reward models' calibration on the
-   held-out feedback; written to ``OUT/eval/metrics.json``.
+5. ``eval`` — the reward models' calibration on the held-out feedback (``OUT/eval/metrics.json``),
+   and per seed ``seed-<s>/eval`` — every policy's samples scored on the *true* population (mean
+   rating, CRR, PMR vs the start, left-tail quantiles, KL to the start) on that seed's held-out
+   prompts (``OUT/seed-<s>/eval/metrics.json``).
+
+Stages 1–3 are shared by all seeds (seeded by ``--world_seed``).
 
 Each stage is resumable (:mod:`prefcore.demo.stages`); the report is rebuilt from the files.
 """
