@@ -6,9 +6,9 @@
    7–10 annotators, consecutive responses to a prompt voted on (train and held-out sets);
 3. ``rm-bt``, ``rm-qrm``, ``rm-gmm`` — reward models on the policy's frozen features, trained
    exactly as ``prefcore train-rm`` does (the configs are parsed from the printed flags);
-4. ``seed-<s>/rloo-<utility>`` — per seed of ``--seeds``: RLOO from the pretrained policy against the QRM reward model with the
-   ``mean``, ``ce:λ``, ``mean-var:α`` and ``cvar:α`` utilities under one KL penalty, exactly as
-   ``prefcore train-policy`` does;
+4. ``seed-<s>/rloo-<utility>`` — per seed of ``--seeds``: RLOO from the pretrained policy against
+   the QRM reward model with the ``mean``, ``ce:λ``, ``mean-var:α`` and ``cvar:α`` utilities
+   under one KL penalty, exactly as ``prefcore train-policy`` does;
 5. ``eval`` — the reward models' calibration on the held-out feedback (``OUT/eval/metrics.json``),
    and per seed ``seed-<s>/eval`` — every policy's samples scored on the *true* population (mean
    rating, CRR, PMR vs the start, left-tail quantiles, KL to the start) on that seed's held-out
@@ -144,8 +144,14 @@ def stage_reward_model(out: Path, flags: Sequence[str], *, progress: bool) -> di
     from prefcore.train.rm.cli import parse_train_rm
     from prefcore.train.rm import train_reward_model
 
+    import contextlib
+    import io
+
     cfg = parse_train_rm([*flags, *([] if progress else ["--progress", "false"])])
-    report = train_reward_model(cfg)
+    # train-rm prints its whole held-out report; the demo's console keeps one line per stage (the
+    # report is in OUT/rm-<method>/report.json and the demo's report.md). Bars go to stderr.
+    with contextlib.redirect_stdout(io.StringIO()):
+        report = train_reward_model(cfg)
     return {"report": report}
 
 
