@@ -106,7 +106,7 @@ def risk_tradeoff(path: Path, points: Sequence[Mapping]) -> None:
         else:
             ax.scatter([mx], [my], s=36, color=colour)
         ax.annotate(p["name"], (mx, my), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("CRR (share of completions some annotator type rates < −0.7 on average)")
+    ax.set_xlabel("CRR (share of completions some type rates < −0.7 on average)", fontsize=9)
     ax.set_ylabel("true mean rating")
     ax.set_title("risk trade-off on the true population (mean ± sd over seeds)", fontsize=9)
     fig.tight_layout()
