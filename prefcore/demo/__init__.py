@@ -61,7 +61,8 @@ class DemoConfig:
     seed_list: tuple[int, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
-        self.seed_list = parse_seeds(self.seeds if self.seeds is not None else (QUICK_SEEDS if self.quick else FULL_SEEDS))
+        default = QUICK_SEEDS if self.quick else FULL_SEEDS
+        self.seed_list = parse_seeds(self.seeds if self.seeds is not None else default)
         if isinstance(self.world_seed, bool) or not isinstance(self.world_seed, int) or self.world_seed < 0:
             raise ValueError(f"world_seed must be an integer >= 0, got {self.world_seed!r}")
         out = Path(self.out)

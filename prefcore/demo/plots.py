@@ -78,7 +78,10 @@ def _step_panels(path: Path, curves: Mapping[str, Mapping[str, Mapping[str, Sequ
     plt.close(fig)
 
 
-def left_tail_quantiles(path: Path, curves: Mapping[str, Mapping[str, Mapping[str, Sequence[Sequence[float]]]]]) -> None:
+Curves = Mapping[str, Mapping[str, Mapping[str, Sequence[Sequence[float]]]]]  # [utility][seed][key] → [[step, v]]
+
+
+def left_tail_quantiles(path: Path, curves: Curves) -> None:
     """QRM Fig. 3: the reward model's predicted left-tail quantiles (τ ≤ 0.25) of the sampled
     completions over RLOO training, one panel per level, one faint line per seed and their mean.
     ``curves[utility][seed][tau] = [[step, value], …]``."""
@@ -114,7 +117,7 @@ def risk_tradeoff(path: Path, points: Sequence[Mapping]) -> None:
     plt.close(fig)
 
 
-def training_curves(path: Path, curves: Mapping[str, Mapping[str, Mapping[str, Sequence[Sequence[float]]]]]) -> None:
+def training_curves(path: Path, curves: Curves) -> None:
     """Reward/utility and KL per RLOO step for each utility, per seed and their mean.
     ``curves[utility][seed][metric] = [[step, v], …]``."""
     _step_panels(path, curves, order=str, title=str, ylabel=None)
