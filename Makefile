@@ -13,7 +13,7 @@ EXT_STAMP := prefcore/.ext-built
 .PHONY: demo demo-quick test build cuda-check gpu-check bench bench-smoke bench-table clean help
 
 help:
-	@echo "make demo        set up .venv and the build, then run the whole pipeline (prefcore demo, <= 10 min on 2 cores)"
+	@echo "make demo        set up .venv and the build, then run the whole pipeline over seeds 0,1,2 (prefcore demo, <= 3 min on 2 cores)"
 	@echo "make test        set up .venv, build prefcore._C, compile-check CUDA sources, run pytest"
 	@echo "make build       (re)build the native extension in place (incremental)"
 	@echo "make cuda-check  nvcc -c every csrc/cuda/*.cu against torch's headers (no link)"
@@ -51,7 +51,7 @@ gpu-check:
 	$(GPU_PY) tools/gpu_check.py
 
 # The main job: the papers' story end to end on the embedded text world (report in runs/demo/).
-# DEMO_ARGS passes flags through, e.g. `make demo DEMO_ARGS="--seed 1 --out runs/demo-s1"`.
+# DEMO_ARGS passes flags through, e.g. `make demo DEMO_ARGS="--seeds 0,1,2,3"` (adds seed 3 to runs/demo).
 DEMO_ARGS ?=
 demo: build
 	$(PY) -m prefcore.cli demo $(DEMO_ARGS)

@@ -26,12 +26,16 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-
-class UserError(Exception):
-    """A mistake in the user's input, reported by the CLI as one line with exit code 2.
-
-    Raise it (or ``ValueError`` / ``FileNotFoundError``, which the CLI treats the same) with a
-    message naming the file, flag or line and what is wrong with it."""
+# The parsing helpers live below every command (prefcore/_config.py); re-exported here because
+# they were public names of this module.
+from prefcore._config import (  # noqa: F401  (re-exports)
+    CONFIG_SUFFIXES,
+    UserError,
+    config_file_flags,
+    one_line,
+    parse_config,
+    user_errors_from_argparse,
+)
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -53,15 +57,6 @@ def claim_output(path: str | os.PathLike[str] | None) -> None:
     p = Path(path)
     if not os.path.lexists(p):
         claims.append(p)
-
-
-def one_line(exc: BaseException) -> str:
-    """The exception's message on one line (line breaks and runs of spaces collapsed)."""
-    text = str(exc)
-    if isinstance(exc, KeyError) and exc.args:  # KeyError's str() is the repr of its key
-        text = str(exc.args[0])
-    parts = [" ".join(line.split()) for line in text.splitlines()]
-    return "; ".join(p for p in parts if p) or type(exc).__name__
 
 
 def run_command(command: str, body: Callable[[], int | None], *, stderr=None) -> int:
@@ -90,7 +85,8 @@ def run_command(command: str, body: Callable[[], int | None], *, stderr=None) ->
 COMMANDS = {
     "train-rm": "train a reward model (bt, bt-margin, qrm, gmm, mean-var)",
     "train-policy": "RLOO / GRPO / PPO of a causal LM against a (distributional) reward",
-    "demo": "the whole pipeline on the embedded text world, with a report and plots (--quick: < 2 min)",
+    "demo": "the whole pipeline on the embedded text world over seeds 0,1,2, with a report and plots "
+            "(<= 3 min on 2 cores; --quick: one seed, < 1 min)",
     "bench": "run the op benchmarks (needs a source checkout: python -m bench)",
 }
 
@@ -102,78 +98,11 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
-
-
-def config_file_flags(path: str, fields: set[str]) -> list[str]:
-    """The flags a JSON/YAML config file stands for (``{"lr": 1e-3}`` → ``["--lr", "0.001"]``), so
-    its values are converted and checked exactly like command-line flags."""
-    import json
-
-    import yaml
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"config file {path!r}, line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or one_line(exc)
-        raise UserError(f"config file {path!r}{where}: invalid YAML ({problem})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path!r} must hold a mapping of option names to values, got {type(data).__name__}")
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ValueError(f"config file {path!r}: unknown options {unknown} (known: {sorted(fields)})")
-    flags: list[str] = []
-    for key, value in data.items():
-        if value is None:
-            continue
-        if isinstance(value, (dict, list)):
-            raise ValueError(f"config file {path!r}: option {key!r} must be a single value, got {value!r}")
-        flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return flags
-
-
-def parse_config(config_cls, argv: Sequence[str], *, prog: str, description: str):
-    """Parse a command's config dataclass with HfArgumentParser: flags, or a JSON/YAML config file
-    first and then flags that override it (``prefcore train-rm run.yaml --resume``); flag errors
-    are user errors (one line)."""
-    import dataclasses
-
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(config_cls, prog=prog, description=description)
-    user_errors_from_argparse(parser)
-    argv = list(argv)
-    if argv and argv[0].endswith(CONFIG_SUFFIXES):
-        argv = config_file_flags(argv[0], {f.name for f in dataclasses.fields(config_cls)}) + argv[1:]
-    (cfg,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    return cfg
-
-
 def parse_train_rm(argv: Sequence[str]):
-    """Parse ``train-rm`` arguments (:func:`parse_config` of ``TrainRMConfig``)."""
-    from prefcore.train.rm.trainer import TrainRMConfig
+    """Parse ``train-rm`` arguments (:func:`prefcore.train.rm.cli.parse_train_rm`; kept here for callers)."""
+    from prefcore.train.rm.cli import parse_train_rm as parse
 
-    return parse_config(TrainRMConfig, argv, prog="prefcore train-rm",
-                        description="Train a distributional (or point) reward model.")
-
-
-def user_errors_from_argparse(parser) -> None:
-    """Make ``parser`` raise :class:`UserError` (one line via :func:`run_command`) instead of
-    printing its usage block and exiting; ``--help`` still prints the help and exits 0."""
-    prog = parser.prog
-
-    def error(message: str):
-        raise UserError(f"{message} (see `{prog} --help`)")
-
-    parser.error = error
+    return parse(argv)
 
 
 def _train_rm(argv: Sequence[str]) -> None:
@@ -196,11 +125,12 @@ def _train_policy(argv: Sequence[str]) -> None:
 
 
 def parse_demo(argv: Sequence[str]):
-    """Parse ``demo`` arguments (``--out DIR --seed N --quick --no_progress``)."""
+    """Parse ``demo`` arguments (``--out DIR --seeds 0,1,2 --quick --no_progress``)."""
     from prefcore.demo import DemoConfig
 
     return parse_config(DemoConfig, argv, prog="prefcore demo",
-                        description="Run the whole pipeline on the embedded text world and write a report.")
+                        description="Run the whole pipeline on the embedded text world over several seeds "
+                                    "and write a report.")
 
 
 def _demo(argv: Sequence[str]) -> None:

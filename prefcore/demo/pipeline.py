@@ -6,12 +6,15 @@
    7–10 annotators, consecutive responses to a prompt voted on (train and held-out sets);
 3. ``rm-bt``, ``rm-qrm``, ``rm-gmm`` — reward models on the policy's frozen features, trained
    exactly as ``prefcore train-rm`` does (the configs are parsed from the printed flags);
-4. ``rloo-<utility>`` — RLOO from the pretrained policy against the QRM reward model with the
-   ``mean``, ``ce:λ``, ``mean-var:α`` and ``cvar:α`` utilities under one KL penalty, exactly as
-   ``prefcore train-policy`` does;
-5. ``eval`` — every policy's samples scored on the *true* population (mean rating, CRR, PMR vs
-   the start, left-tail quantiles, KL to the start) and the reward models' calibration on the
-   held-out feedback; written to ``OUT/eval/metrics.json``.
+4. ``seed-<s>/rloo-<utility>`` — per seed of ``--seeds``: RLOO from the pretrained policy against
+   the QRM reward model with the ``mean``, ``ce:λ``, ``mean-var:α`` and ``cvar:α`` utilities
+   under one KL penalty, exactly as ``prefcore train-policy`` does;
+5. ``eval`` — the reward models' calibration on the held-out feedback (``OUT/eval/metrics.json``),
+   and per seed ``seed-<s>/eval`` — every policy's samples scored on the *true* population (mean
+   rating, CRR, PMR vs the start, left-tail quantiles, KL to the start) on that seed's held-out
+   prompts (``OUT/seed-<s>/eval/metrics.json``).
+
+Stages 1–3 are shared by all seeds (seeded by ``--world_seed``).
 
 Each stage is resumable (:mod:`prefcore.demo.stages`); the report is rebuilt from the files.
 """
@@ -51,7 +54,7 @@ class DemoSettings:
     @classmethod
     def full(cls) -> DemoSettings:
         return cls(pretrain_steps=300, feedback_prompts=400, heldout_prompts=100, rm_steps=400, gate_steps=150,
-                   rloo_steps=60, rloo_prompts_per_step=8, num_generations=4, eval_prompts=96, eval_samples=4)
+                   rloo_steps=30, rloo_prompts_per_step=8, num_generations=4, eval_prompts=96, eval_samples=4)
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -138,11 +141,17 @@ def rm_flags(method: str, *, out: Path, feedback: Path, world_dir: Path, seed: i
 
 
 def stage_reward_model(out: Path, flags: Sequence[str], *, progress: bool) -> dict[str, Any]:
-    from prefcore.cli import parse_train_rm
+    from prefcore.train.rm.cli import parse_train_rm
     from prefcore.train.rm import train_reward_model
 
+    import contextlib
+    import io
+
     cfg = parse_train_rm([*flags, *([] if progress else ["--progress", "false"])])
-    report = train_reward_model(cfg)
+    # train-rm prints its whole held-out report; the demo's console keeps one line per stage (the
+    # report is in OUT/rm-<method>/report.json and the demo's report.md). Bars go to stderr.
+    with contextlib.redirect_stdout(io.StringIO()):
+        report = train_reward_model(cfg)
     return {"report": report}
 
 

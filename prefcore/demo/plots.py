@@ -38,19 +38,36 @@ def rating_distributions(path: Path, panels: Sequence[Mapping]) -> None:
     plt.close(fig)
 
 
-def _step_panels(path: Path, curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], *,
+def _mean_curve(series: Sequence[Sequence[Sequence[float]]]) -> tuple[list[float], list[float]]:
+    """The mean over seeds at the steps every seed logged: ``series[seed] = [[step, value], …]``."""
+    per = [dict((p[0], p[1]) for p in pts) for pts in series if pts]
+    if not per:
+        return [], []
+    steps = sorted(set.intersection(*(set(d) for d in per)))
+    return steps, [sum(d[st] for d in per) / len(per) for st in steps]
+
+
+def _step_panels(path: Path, curves: Mapping[str, Mapping[str, Mapping[str, Sequence[Sequence[float]]]]], *,
                  order: Callable[[str], object], title: Callable[[str], str], ylabel: str | None) -> None:
-    """One panel per key of the inner mappings (sorted by ``order``), one line per utility:
-    ``curves[utility][key] = [[step, value], …]`` over RLOO steps."""
+    """One panel per key, one colour per utility: a faint line per seed and, with several seeds,
+    a bold line for their mean. ``curves[utility][seed][key] = [[step, value], …]`` over RLOO steps."""
     plt = _pyplot()
-    keys = sorted({k for per in curves.values() for k in per}, key=order)
+    keys = sorted({k for per_seed in curves.values() for per in per_seed.values() for k in per}, key=order)
     n = max(1, len(keys))
     fig, axes = plt.subplots(1, n, figsize=(4.0 * n, 3.3), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes[0], keys):
-        for utility, per in curves.items():
-            pts = per.get(key, [])
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.3, label=utility)
+        for i, (utility, per_seed) in enumerate(curves.items()):
+            colour = colours[i % len(colours)]
+            series = [per.get(key, []) for per in per_seed.values()]
+            several = sum(bool(pts) for pts in series) > 1
+            for pts in series:
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.8 if several else 1.3,
+                            alpha=0.3 if several else 1.0, color=colour, label=None if several else utility)
+            if several:
+                steps, mean = _mean_curve(series)
+                ax.plot(steps, mean, lw=1.6, color=colour, label=utility)
         ax.set_title(title(key), fontsize=9)
         ax.set_xlabel("RLOO step")
     if ylabel:
@@ -61,29 +78,46 @@ def _step_panels(path: Path, curves: Mapping[str, Mapping[str, Sequence[Sequence
     plt.close(fig)
 
 
-def left_tail_quantiles(path: Path, curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]]) -> None:
+Curves = Mapping[str, Mapping[str, Mapping[str, Sequence[Sequence[float]]]]]  # [utility][seed][key] → [[step, v]]
+
+
+def left_tail_quantiles(path: Path, curves: Curves) -> None:
     """QRM Fig. 3: the reward model's predicted left-tail quantiles (τ ≤ 0.25) of the sampled
-    completions over RLOO training, one panel per level. ``curves[utility][tau] = [[step, value], …]``."""
+    completions over RLOO training, one panel per level, one faint line per seed and their mean.
+    ``curves[utility][seed][tau] = [[step, value], …]``."""
     _step_panels(path, curves, order=float, title=lambda tau: f"predicted quantile τ = {tau}",
                  ylabel="reward-model quantile")
 
 
 def risk_tradeoff(path: Path, points: Sequence[Mapping]) -> None:
-    """DFL Table 3 as a picture: true mean rating against CRR, one point per policy.
-    ``points``: ``{"name", "mean_rating", "crr"}``."""
+    """DFL Table 3 as a picture: true mean rating against CRR per policy — a faint dot per seed and
+    the mean with ± one sample standard deviation bars in both directions (with several seeds).
+    ``points``: ``{"name", "mean_rating": [per seed], "crr": [per seed]}``."""
+    import statistics
+
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.0, 3.8))
-    for p in points:
-        ax.scatter([p["crr"]], [p["mean_rating"]], s=36)
-        ax.annotate(p["name"], (p["crr"], p["mean_rating"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("CRR (share of completions some annotator type rates < −0.7 on average)")
+    fig, ax = plt.subplots(figsize=(5.4, 4.0))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, p in enumerate(points):
+        colour = colours[i % len(colours)]
+        xs, ys = list(p["crr"]), list(p["mean_rating"])
+        mx, my = statistics.mean(xs), statistics.mean(ys)
+        if len(xs) > 1:
+            ax.scatter(xs, ys, s=14, color=colour, alpha=0.35, linewidths=0)
+            ax.errorbar([mx], [my], xerr=[statistics.stdev(xs)], yerr=[statistics.stdev(ys)], fmt="o", ms=5,
+                        color=colour, capsize=3, lw=1.2)
+        else:
+            ax.scatter([mx], [my], s=36, color=colour)
+        ax.annotate(p["name"], (mx, my), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("CRR (share of completions some type rates < −0.7 on average)", fontsize=9)
     ax.set_ylabel("true mean rating")
-    ax.set_title("risk trade-off on the true population", fontsize=9)
+    ax.set_title("risk trade-off on the true population (mean ± sd over seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def training_curves(path: Path, curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]]) -> None:
-    """Reward/utility and KL per RLOO step for each utility. ``curves[utility][metric] = [[step, v], …]``."""
+def training_curves(path: Path, curves: Curves) -> None:
+    """Reward/utility and KL per RLOO step for each utility, per seed and their mean.
+    ``curves[utility][seed][metric] = [[step, v], …]``."""
     _step_panels(path, curves, order=str, title=str, ylabel=None)

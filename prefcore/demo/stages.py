@@ -1,6 +1,7 @@
 """Resumable stages of a multi-step run (used by ``prefcore demo``).
 
-A stage is a named function that writes its outputs under ``OUT/<name>/`` and returns a small
+A stage is a named function that writes its outputs under ``OUT/<name>/`` (a name may contain
+``/``: ``seed-0/rloo-mean``) and returns a small
 JSON-serialisable summary. When it returns, the summary is written atomically to
 ``OUT/stages/<name>.json`` together with the stage's *key* (the settings it depends on). A later
 run with the same ``OUT`` skips every stage whose marker exists with the same key and reuses its
@@ -56,11 +57,13 @@ class StageRunner:
             shutil.rmtree(stage_dir)
         stage_dir.mkdir(parents=True)
         self.log(f"[{name}] running …")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = fn(stage_dir)
         seconds = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start  # all threads: ~ the wall time on idle cores × threads
         atomic_write_json(self.marker(name), {"key": _jsonable(key), "result": _jsonable(result),
-                                              "seconds": round(seconds, 2)})
+                                              "seconds": round(seconds, 2),
+                                              "cpu_seconds": round(cpu, 2)})
         self.ran.append(name)
         self.log(f"[{name}] finished in {seconds:.1f} s")
         return _jsonable(result)

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 
 def parse_train_policy(argv: Sequence[str]):
-    """Parse ``train-policy`` arguments (:func:`prefcore.cli.parse_config` of :class:`PolicyConfig`)."""
-    from prefcore.cli import parse_config
+    """Parse ``train-policy`` arguments (:func:`prefcore._config.parse_config` of :class:`PolicyConfig`)."""
+    from prefcore._config import parse_config
     from prefcore.train.policy.config import PolicyConfig
 
     return parse_config(PolicyConfig, argv, prog="prefcore train-policy",
