@@ -20,6 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 UTILS = "mean,ce:2,cvar:0.1"
 
 
+def _one_thread_main(argv: list[str]) -> int:
+    """``main(argv)`` with one torch thread, as each torchrun worker below (OMP_NUM_THREADS=1): CPU
+    kernels may split reductions by thread count, and the byte comparisons need the same split."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     """A qrm text run, a JSONL of 40 (prompt, response) rows, and its 1-process scores."""
@@ -32,7 +43,7 @@ def scored(tmp_path_factory):
     out = root / "scores.jsonl"
     args = ["score-rm", "--reward_model", str(run), "--data", str(data), "--utility", UTILS,
             "--batch_tokens", "96", "--progress", "false"]
-    assert main([*args, "--out", str(out)]) == 0
+    assert _one_thread_main([*args, "--out", str(out)]) == 0
     return world, run, data, out, args
 
 
@@ -60,7 +71,7 @@ def test_a_truncated_output_resumes_to_the_same_file(scored, tmp_path, capsys):
     resumed = tmp_path / "scores.jsonl"
     lines = full.decode().splitlines(keepends=True)
     resumed.write_text("".join(lines[:5]) + lines[5][:17])  # five rows and a torn sixth
-    assert main([*args, "--out", str(resumed)]) == 0
+    assert _one_thread_main([*args, "--out", str(resumed)]) == 0
     assert "resuming, 5 of 40 rows" in capsys.readouterr().out
     assert resumed.read_bytes() == full
     assert not list(tmp_path.glob("*.partial"))

@@ -18,7 +18,8 @@ Batching by length: rows are ordered by token count and cut into batches of at m
 Sharding: under ``torchrun`` the batches (formed identically on every rank) are dealt round-robin
 to the ranks, each rank scores its own and appends them to ``OUT.rank<r>.partial``; rank 0 merges
 all rows in input order into ``OUT``. A batch is computed the same way whichever rank runs it, so
-the result is bit-identical to a one-process run.
+the result is bit-identical to a one-process run with the same number of threads per process
+(CPU kernels may split reductions by thread count).
 
 Resume: rows already in ``OUT`` or in partial files (complete lines; a torn last line is ignored)
 are kept and not scored again, so an interrupted or truncated run continues where it stopped.
