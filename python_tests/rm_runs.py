@@ -46,3 +46,24 @@ def train_text_run(world: TextWorld, out: Path, method: str, *extra: str) -> Pat
             "--trunk_layers", "0", "--progress", "false", *extra]
     assert main(argv) == 0
     return out
+
+
+_SHARED: dict[str, tuple[TextWorld, Path, Path]] = {}
+
+
+def shared_runs() -> tuple[TextWorld, Path, Path]:
+    """One tiny text world with a one-attribute linear ``qrm`` run (300 steps: long enough that its
+    quantiles do not cross on the world's texts) and a linear ``bt`` run, built once per test
+    process and shared by the export/score/dir tests (read-only: copy a run before changing it).
+    Lives in a temporary directory removed at exit."""
+    if "runs" not in _SHARED:
+        import atexit
+        import shutil
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="prefcore-rm-runs-"))
+        atexit.register(shutil.rmtree, root, True)
+        world = text_world(root / "world")
+        _SHARED["runs"] = (world, train_text_run(world, root / "qrm", "qrm", "--steps", "300"),
+                           train_text_run(world, root / "bt", "bt"))
+    return _SHARED["runs"]

@@ -9,7 +9,7 @@ import shutil
 
 import torch
 
-from python_tests.rm_runs import text_world, train_text_run
+from python_tests.rm_runs import shared_runs, text_world, train_text_run
 
 
 def _score_all(run: str, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
@@ -51,12 +51,11 @@ def test_reward_stats_are_the_training_rewards_mean_and_std(tmp_path):
     from prefcore.train.rm.sources import load_rm_data
     from prefcore.train.rm.trainer import TrainRMConfig
 
-    world = text_world(tmp_path / "world")
-    run = train_text_run(world, tmp_path / "run", "bt")
+    world, _, run = shared_runs()
     stats = json.loads((run / "reward_stats.json").read_text())
-    # The training split's features again (cached under RUN/features), scored by the stored heads.
+    # The training split's features again (a fresh cache), scored by the stored heads.
     cfg = TrainRMConfig(method="bt", data=str(world.pairs), backbone=str(world.backbone), max_length=48,
-                        out=str(run), progress=False)
+                        out=str(tmp_path / "features"), progress=False)
     train, _ = load_rm_data(cfg).split(cfg.eval_fraction, cfg.seed)
     scorer = RunScorer.load(str(run))
     r = torch.cat([scorer.distribution_from_features(train.pairs.chosen),

@@ -15,7 +15,7 @@ from prefcore.cli import main
 from prefcore.distributions import QuantileDistribution
 from prefcore.train.rm.export import quantile_weights
 from prefcore.utility import parse_utility
-from python_tests.rm_runs import text_world, train_text_run
+from python_tests.rm_runs import shared_runs
 
 QRM_TAUS = [0.05 * i for i in range(1, 20)]
 
@@ -53,12 +53,8 @@ def _child_logits(path, texts: list[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A tiny text world with a one-attribute linear qrm run (trained long enough that its quantiles
-    do not cross on the test texts) and a linear bt run."""
-    root = tmp_path_factory.mktemp("export")
-    world = text_world(root / "world")
-    return world, train_text_run(world, root / "qrm", "qrm", "--steps", "300"), train_text_run(world, root / "bt", "bt")
+def runs():
+    return shared_runs()
 
 
 def test_exported_models_give_prefcores_utilities_in_plain_transformers(tmp_path, capsys, runs):

@@ -14,7 +14,7 @@ import torch
 
 from prefcore.cli import main
 from prefcore.utility import parse_utility
-from python_tests.rm_runs import text_world, train_text_run
+from python_tests.rm_runs import shared_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 UTILS = "mean,ce:2,cvar:0.1"
@@ -35,8 +35,7 @@ def _one_thread_main(argv: list[str]) -> int:
 def scored(tmp_path_factory):
     """A qrm text run, a JSONL of 40 (prompt, response) rows, and its 1-process scores."""
     root = tmp_path_factory.mktemp("score")
-    world = text_world(root / "world")
-    run = train_text_run(world, root / "qrm", "qrm")
+    world, run, _ = shared_runs()
     data = root / "rows.jsonl"
     data.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"], "extra": 1}) + "\n"
                             for r in world.records))
