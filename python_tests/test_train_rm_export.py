@@ -34,22 +34,26 @@ CHILD = r"""
 import json, sys
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-path, texts = sys.argv[1], json.loads(sys.stdin.read())
-model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).eval()
-tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-with torch.no_grad():
-    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=48)
-    logits = model(**enc).logits
+texts, result = json.loads(sys.stdin.read()), {}
+for path in sys.argv[1:]:
+    model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with torch.no_grad():
+        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=48)
+        logits = model(**enc).logits
+    result[path] = {"logits": logits.tolist(), "trl": logits[:, 0].tolist(),
+                    "config": model.config.to_dict()["prefcore_export"]}
 assert "prefcore" not in sys.modules
-print(json.dumps({"logits": logits.tolist(), "trl": logits[:, 0].tolist(),
-                  "config": model.config.to_dict()["prefcore_export"]}))
+print(json.dumps(result))
 """
 
 
-def _child_logits(path, texts: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path)], input=json.dumps(texts), capture_output=True,
-                         text=True, check=True, timeout=300)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _child_logits(paths, texts: list[str]) -> list[dict]:
+    """Each exported model's logits on ``texts``, from one child process with plain transformers."""
+    out = subprocess.run([sys.executable, "-c", CHILD, *map(str, paths)], input=json.dumps(texts),
+                         capture_output=True, text=True, check=True, timeout=300)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return [result[str(p)] for p in paths]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +77,9 @@ def test_exported_models_give_prefcores_utilities_in_plain_transformers(tmp_path
     hf = tmp_path / "hf-qrm"
     assert main(["export-rm", str(qrm), "--out", str(hf), "--utility", "cvar:0.1", "--all_quantiles",
                  "--drop_bias"]) == 0
-    got = _child_logits(hf, texts)
+    hf_bt = tmp_path / "hf-bt"
+    assert main(["export-rm", str(bt), "--out", str(hf_bt), "--drop_bias"]) == 0
+    got, got_bt = _child_logits([hf, hf_bt], texts)
     shift = torch.tensor(got["config"]["logit_shift"], dtype=torch.float64)
     logits = torch.tensor(got["logits"], dtype=torch.float64) + shift
     dist = RunScorer.load(str(qrm)).reward_distribution(prompts, responses)
@@ -85,9 +91,7 @@ def test_exported_models_give_prefcores_utilities_in_plain_transformers(tmp_path
     assert len(got["logits"][0]) == 20
     torch.testing.assert_close(torch.tensor(got["trl"], dtype=torch.float64) + shift[0], logits[:, 0])
 
-    hf_bt = tmp_path / "hf-bt"
-    assert main(["export-rm", str(bt), "--out", str(hf_bt), "--drop_bias"]) == 0
-    got = _child_logits(hf_bt, texts)
+    got = got_bt
     reward = RunScorer.load(str(bt)).reward(prompts, responses).double()
     assert len(got["logits"][0]) == 1
     torch.testing.assert_close(torch.tensor(got["trl"], dtype=torch.float64) + got["config"]["logit_shift"][0],
