@@ -53,9 +53,10 @@ def test_reward_stats_are_the_training_rewards_mean_and_std(tmp_path):
 
     world, _, run = shared_runs()
     stats = json.loads((run / "reward_stats.json").read_text())
-    # The training split's features again (a fresh cache), scored by the stored heads.
+    # The training split's features, read back from the run's own cache (RUN/features), scored by
+    # the stored heads.
     cfg = TrainRMConfig(method="bt", data=str(world.pairs), backbone=str(world.backbone), max_length=48,
-                        out=str(tmp_path / "features"), progress=False)
+                        out=str(run), progress=False)
     train, _ = load_rm_data(cfg).split(cfg.eval_fraction, cfg.seed)
     scorer = RunScorer.load(str(run))
     r = torch.cat([scorer.distribution_from_features(train.pairs.chosen),
