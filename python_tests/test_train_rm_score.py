@@ -103,3 +103,20 @@ def test_two_torchrun_processes_write_the_one_process_file(scored, tmp_path):
                    capture_output=True, timeout=600)
     assert two.read_bytes() == out.read_bytes()
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_bt_run_scores_its_scalar_reward_and_refuses_risk_utilities(scored, tmp_path, capsys):
+    from prefcore.train.rm.scoring import RunScorer
+
+    world, _, data, _, _ = scored
+    _, _, bt = shared_runs()
+    out = tmp_path / "bt.jsonl"
+    base = ["score-rm", "--reward_model", str(bt), "--data", str(data), "--progress", "false"]
+    assert main([*base, "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert set(rows[0]) == {"index", "text_sha256", "mean", "utilities"}
+    reward = RunScorer.load(str(bt)).reward([r["prompt"] for r in world.records], [r["response"] for r in world.records])
+    torch.testing.assert_close(torch.tensor([r["mean"] for r in rows], dtype=torch.float64), reward.double(),
+                               rtol=1e-5, atol=1e-5)
+    assert main([*base, "--out", str(tmp_path / "ce.jsonl"), "--utility", "mean,ce:2"]) == 2
+    assert "only 'mean' applies" in capsys.readouterr().err and not (tmp_path / "ce.jsonl").exists()
