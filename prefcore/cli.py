@@ -85,6 +85,8 @@ def run_command(command: str, body: Callable[[], int | None], *, stderr=None) ->
 COMMANDS = {
     "train-rm": "train a reward model (bt, bt-margin, qrm, gmm, mean-var)",
     "train-policy": "RLOO / GRPO / PPO of a causal LM against a (distributional) reward",
+    "export-rm": "a bt/qrm run as a plain transformers AutoModelForSequenceClassification (TRL, OpenRLHF, verl)",
+    "score-rm": "score a JSONL of (prompt, response) rows with a reward model: mean, quantiles, utilities",
     "demo": "the whole pipeline on the embedded text world over seeds 0,1,2, with a report and plots "
             "(<= 3 min on 2 cores; --quick: one seed, < 1 min)",
     "bench": "run the op benchmarks (needs a source checkout: python -m bench)",
@@ -124,6 +126,31 @@ def _train_policy(argv: Sequence[str]) -> None:
     print_summary(train_policy(cfg))
 
 
+def positional_run_dir(argv: Sequence[str]) -> list[str]:
+    """``DIR --out X`` → ``--run_dir DIR --out X`` (a leading positional run directory)."""
+    argv = list(argv)
+    if argv and not argv[0].startswith("-") and not argv[0].endswith(CONFIG_SUFFIXES):
+        return ["--run_dir", argv[0], *argv[1:]]
+    return argv
+
+
+def _export_rm(argv: Sequence[str]) -> None:
+    from prefcore.train.rm.export import ExportRMConfig, export_reward_model
+
+    cfg = parse_config(ExportRMConfig, positional_run_dir(argv), prog="prefcore export-rm",
+                       description="Export a train-rm run as a transformers AutoModelForSequenceClassification.")
+    claim_output(cfg.out)
+    export_reward_model(cfg)
+
+
+def _score_rm(argv: Sequence[str]) -> None:
+    from prefcore.train.rm.score import ScoreRMConfig, score_reward_model
+
+    cfg = parse_config(ScoreRMConfig, argv, prog="prefcore score-rm",
+                       description="Score (prompt, response) rows with a reward model.")
+    score_reward_model(cfg)
+
+
 def parse_demo(argv: Sequence[str]):
     """Parse ``demo`` arguments (``--out DIR --seeds 0,1,2 --quick --no_progress``)."""
     from prefcore.demo import DemoConfig
@@ -151,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_command(command, lambda: _train_policy(rest))
     if command == "demo":
         return run_command(command, lambda: _demo(rest))
+    if command == "export-rm":
+        return run_command(command, lambda: _export_rm(rest))
+    if command == "score-rm":
+        return run_command(command, lambda: _score_rm(rest))
     if command == "bench":
         try:
             from bench.harness import main as bench_main

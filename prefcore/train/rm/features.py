@@ -18,6 +18,13 @@ batch). Re-running with different texts, backbone config, tokenizer, ``shard_siz
 ``max_length``, ``pooling`` or ``dtype`` is refused (the fingerprint in the index differs).
 Limit: the fingerprint holds the backbone's config, not its weights.
 
+Under ``torchrun`` (an initialised ``torch.distributed`` group), the ranks split the shards of one
+cache — rank ``r`` computes shards ``r, r + W, r + 2W, …`` — and record each finished shard in
+``index.rank<r>.json`` beside the index; only rank 0 writes ``index.json``, merging those records
+at the end (and, when resuming, at the start: shards any rank finished before an interruption are
+kept). Every shard is computed exactly as in one process, so with the same threads per process the
+cache is bit-identical to the one-process cache, index included.
+
 Texts are plain strings: pass ``prompt + response`` texts for reward features, or prompts alone
 for the gating network's features (format them with the chat template first if you use one).
 """
@@ -132,6 +139,52 @@ def _shard_ok(path: Path, entry: dict[str, Any]) -> bool:
     return path.is_file() and sha256_file(path) == entry.get("sha256")
 
 
+def _dist_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of an initialised ``torch.distributed`` group (torchrun), else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _rank_entries_name(rank: int) -> str:
+    return f"index.rank{rank}.json"
+
+
+def _fingerprint_diff(index_path: Path, fingerprint: dict[str, Any]) -> list[str]:
+    with open(index_path, encoding="utf-8") as f:
+        old = json.load(f).get("fingerprint", {})
+    return sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+
+
+def _merge_rank_entries(root: Path) -> dict[str, Any]:
+    """Rank 0: move the shard entries other ranks recorded in ``index.rank<r>.json`` into the index
+    (those whose shard file matches its hash), write the index atomically, delete the rank files."""
+    index_path = root / INDEX_NAME
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    rank_files = sorted(root.glob("index.rank*.json"))
+    for rf in rank_files:
+        with open(rf, encoding="utf-8") as f:
+            for s, entry in json.load(f).items():
+                if _shard_ok(root / entry["file"], entry):
+                    index["shards"][s] = entry
+    index["shards"] = dict(sorted(index["shards"].items(), key=lambda kv: int(kv[0])))
+    index["complete"] = len(index["shards"]) == index["num_shards"]
+    atomic_write_json(index_path, index)
+    for rf in rank_files:
+        rf.unlink()
+    return index
+
+
 def extract_features(backbone: nn.Module, tokenizer: Any, texts: Sequence[str], out_dir: str | os.PathLike[str], *,
                      batch_size: int = 8, shard_size: int = 4096, max_length: int = 1024, pooling: str = "last",
                      dtype: torch.dtype = torch.float32) -> FeatureIndex:
@@ -175,27 +228,31 @@ def extract_features(backbone: nn.Module, tokenizer: Any, texts: Sequence[str], 
         "tokenizer_sha256": _tokenizer_fingerprint(tokenizer),
     }
     index_path = root / INDEX_NAME
-    if index_path.is_file():
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-        old = index.get("fingerprint", {})
-        differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        if differ:
-            raise ValueError(
-                f"{index_path} was written for a different extraction (differs in {differ}); "
-                "use a new out_dir or delete the old one"
-            )
-    else:
-        index = {"fingerprint": fingerprint, "num_shards": num_shards, "shards": {}, "complete": num_shards == 0}
-        atomic_write_json(index_path, index)
+    rank, world = _dist_world()
+    if rank == 0:
+        if not index_path.is_file():
+            atomic_write_json(index_path, {"fingerprint": fingerprint, "num_shards": num_shards, "shards": {},
+                                           "complete": num_shards == 0})
+        elif _fingerprint_diff(index_path, fingerprint) == []:
+            _merge_rank_entries(root)  # shards other ranks finished before an interruption
+    _barrier(world)
+    differ = _fingerprint_diff(index_path, fingerprint)  # every rank checks, so all raise together
+    if differ:
+        raise ValueError(
+            f"{index_path} was written for a different extraction (differs in {differ}); "
+            "use a new out_dir or delete the old one"
+        )
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
 
     device = _backbone_device(backbone)
     was_training = backbone.training
     backbone.eval()
     computed: list[int] = []
+    mine: dict[str, dict] = {}
     try:
         with torch.inference_mode():
-            for s in range(num_shards):
+            for s in range(rank, num_shards, world):  # ranks take every world-th shard
                 entry = index["shards"].get(str(s))
                 path = root / shard_name(s)
                 if entry is not None and _shard_ok(path, entry):
@@ -203,15 +260,28 @@ def extract_features(backbone: nn.Module, tokenizer: Any, texts: Sequence[str], 
                 start, stop = s * shard_size, min((s + 1) * shard_size, len(texts))
                 feats = _compute_shard(backbone, tokenizer, texts[start:stop], start, batch_size=batch_size,
                                        max_length=max_length, pooling=pooling, dtype=dtype, device=device)
-                atomic_save_safetensors(path, {FEATURES_KEY: feats}, metadata={"start": str(start), "stop": str(stop)})
-                index["shards"][str(s)] = {"file": path.name, "start": start, "stop": stop, "rows": stop - start,
-                                           "hidden_size": int(feats.shape[1]), "batch_size": batch_size,
-                                           "sha256": sha256_file(path)}
-                index["complete"] = len(index["shards"]) == num_shards
-                atomic_write_json(index_path, index)
+                # one metadata key: safetensors writes several in hash-map order, which differs between
+                # processes, and the bytes (hashed into the index) must not
+                atomic_save_safetensors(path, {FEATURES_KEY: feats}, metadata={"rows": f"{start}:{stop}"})
+                entry = {"file": path.name, "start": start, "stop": stop, "rows": stop - start,
+                         "hidden_size": int(feats.shape[1]), "batch_size": batch_size, "sha256": sha256_file(path)}
+                if world == 1:
+                    index["shards"][str(s)] = entry
+                    index["complete"] = len(index["shards"]) == num_shards
+                    atomic_write_json(index_path, index)
+                else:  # only rank 0 writes the index; the others record their shards beside it
+                    mine[str(s)] = entry
+                    atomic_write_json(root / _rank_entries_name(rank), mine)
                 computed.append(s)
     finally:
         backbone.train(was_training)
+    if world > 1:
+        _barrier(world)
+        if rank == 0:
+            index = _merge_rank_entries(root)
+        _barrier(world)
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
     hidden = fingerprint["hidden_size"]
     if hidden is None and index["shards"]:
         hidden = next(iter(index["shards"].values()))["hidden_size"]

@@ -36,13 +36,17 @@ class RunScorer:
 
     @classmethod
     def load(cls, run_dir: str, *, backbone: str | None = None, device: str = "cpu") -> RunScorer:
-        """Load ``run_dir``'s heads; the backbone is ``backbone`` or the run's ``--backbone``."""
+        """Load ``run_dir``'s heads; the backbone is ``backbone``, else the run's stored
+        ``RUN/backbone``, else the ``--backbone`` path recorded in its config."""
         from prefcore.train.rm.trainer import load_heads
 
         heads, head_cfg = load_heads(run_dir)
         with open(os.path.join(run_dir, "config.json")) as f:
             cfg = json.load(f)
-        path = backbone or cfg.get("backbone")
+        from prefcore.train.rm.rmdir import stored_backbone
+
+        # the run's own copy (RUN/backbone) first: a moved run no longer needs the original path
+        path = backbone or stored_backbone(run_dir) or cfg.get("backbone")
         if path is None:
             return cls(heads, head_cfg, max_length=cfg.get("max_length", 256))
         from prefcore.train.rm.sources import load_text_encoder

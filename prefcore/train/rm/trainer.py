@@ -154,6 +154,36 @@ def load_heads(out_dir: str) -> tuple[nn.ModuleDict, dict]:
     return heads.eval(), head_cfg
 
 
+def training_rewards(heads: nn.ModuleDict, head_cfg: dict, train) -> torch.Tensor:
+    """The trained model's mean reward ``(N,)`` float32 on its training texts: pairs' chosen and
+    rejected responses (bt, bt-margin; qrm, whose gate needs the pairs' prompt features), or the
+    rated responses (gmm, mean-var)."""
+    from prefcore.train.rm.scoring import RunScorer, risk_reward
+
+    scorer = RunScorer(heads, head_cfg)
+    if head_cfg["method"] in ("gmm", "mean-var"):
+        parts = [(train.ratings.features, None)]
+    else:
+        parts = [(train.pairs.chosen, train.pairs.prompt), (train.pairs.rejected, train.pairs.prompt)]
+    return torch.cat([risk_reward(scorer.distribution_from_features(f, p), "mean").reshape(-1).float()
+                      for f, p in parts])
+
+
+def finish_run_dir(cfg: TrainRMConfig, heads: nn.ModuleDict, head_cfg: dict, train) -> None:
+    """Make the run directory self-contained (:mod:`prefcore.train.rm.rmdir`): a text run stores
+    its frozen backbone and tokenizer in ``RUN/backbone`` (loaded again from ``--backbone``, as the
+    features were embedded), so scoring no longer needs the original path; every run stores its
+    training rewards' mean/std in ``RUN/reward_stats.json``."""
+    from prefcore.train.rm.rmdir import save_backbone_dir, write_reward_stats
+
+    if cfg.backbone is not None:
+        from prefcore.train.rm.sources import load_text_encoder
+
+        backbone, tokenizer = load_text_encoder(cfg.backbone)
+        save_backbone_dir(backbone, tokenizer, cfg.out)
+    write_reward_stats(cfg.out, training_rewards(heads, head_cfg, train))
+
+
 def format_report(report: dict) -> str:
     width = max(len(k) for k in report) if report else 0
     rows = [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in report.items()]
@@ -226,6 +256,7 @@ def _train_reward_model(cfg: TrainRMConfig, data) -> dict:
                   progress=cfg.progress)
         done.append(stage.name)
     save_heads(heads, hc, out)
+    finish_run_dir(cfg, heads, hc, train)
     report = {"method": cfg.method, **evaluate(cfg.method, heads, test, cfg)}
     atomic_write_json(os.path.join(out, "report.json"), report)
     print(f"prefcore train-rm [{cfg.method}] → {out}\n{format_report(report)}")
