@@ -34,7 +34,9 @@ CASES = [
     BenchCase("pinball_loss", "B=8192 M=19 Q=19 N=10 kappa=1", _pinball_inputs(1.0),
               {"prefcore": prefcore.ops.pinball_loss, "reference": reference.pinball_loss},
               smoke_inputs=_pinball_inputs(1.0, 8, 3, 5, 4), bound=COPY),
-    BenchCase("exp_utility", "gated B=65536 M=19 Q=19 ce", _utility_inputs(),
-              {"prefcore": prefcore.ops.exp_utility, "reference": reference.exp_utility},
-              smoke_inputs=_utility_inputs(8, 3, 5), bound=COPY),
+    # issue 19: besides the 65536 row, the sizes one RL step scores (B completions, M = Q = 19)
+    *[BenchCase("exp_utility", f"gated B={b} M=19 Q=19 ce", _utility_inputs(b),
+                {"prefcore": prefcore.ops.exp_utility, "reference": reference.exp_utility},
+                smoke_inputs=_utility_inputs(8, 3, 5), bound=COPY)
+      for b in (512, 4096, 65536)],
 ]
