@@ -14,6 +14,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "build", "cuda-check")
@@ -53,21 +54,32 @@ def main() -> int:
     for inc in include_paths():
         flags += ["-I", inc]
     header_mtime = _newest_header_mtime()
-    failed = []
+    stale = []
     for src in sources:
         obj = os.path.join(OUT, os.path.basename(src) + ".o")
         if os.path.exists(obj) and os.path.getmtime(obj) >= max(os.path.getmtime(src), header_mtime):
             print(f"check_cuda: {os.path.relpath(src, ROOT)} up to date")
-            continue
+        else:
+            stale.append((src, obj))
+
+    def compile_one(item: tuple[str, str]) -> tuple[str, str, subprocess.CompletedProcess, float]:
+        src, obj = item
         t0 = time.time()
-        proc = subprocess.run([nvcc, *flags, src, "-o", obj], capture_output=True, text=True)
-        status = "ok" if proc.returncode == 0 else "FAILED"
-        print(f"check_cuda: {os.path.relpath(src, ROOT)} {status} ({time.time() - t0:.0f}s)")
-        if proc.returncode != 0:
-            sys.stdout.write(proc.stdout + proc.stderr)
-            failed.append(src)
-            if os.path.exists(obj):
-                os.remove(obj)
+        return src, obj, subprocess.run([nvcc, *flags, src, "-o", obj], capture_output=True, text=True), time.time() - t0
+
+    # One nvcc per core (each translation unit is independent; CI has 2 cores): the check's wall
+    # time is then bounded by the slowest file rather than the sum.
+    jobs = max(1, int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1))
+    failed = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for src, obj, proc, seconds in pool.map(compile_one, stale):
+            status = "ok" if proc.returncode == 0 else "FAILED"
+            print(f"check_cuda: {os.path.relpath(src, ROOT)} {status} ({seconds:.0f}s)", flush=True)
+            if proc.returncode != 0:
+                sys.stdout.write(proc.stdout + proc.stderr)
+                failed.append(src)
+                if os.path.exists(obj):
+                    os.remove(obj)
     return 1 if failed else 0
 
 
