@@ -87,6 +87,7 @@ COMMANDS = {
     "train-policy": "RLOO / GRPO / PPO of a causal LM against a (distributional) reward",
     "export-rm": "a bt/qrm run as a plain transformers AutoModelForSequenceClassification (TRL, OpenRLHF, verl)",
     "score-rm": "score a JSONL of (prompt, response) rows with a reward model: mean, quantiles, utilities",
+    "serve-rm": "serve a reward model over HTTP (OpenRLHF /get_reward, verl /classify, /v1/reward), batched",
     "demo": "the whole pipeline on the embedded text world over seeds 0,1,2, with a report and plots "
             "(<= 3 min on 2 cores; --quick: one seed, < 1 min)",
     "bench": "run the op benchmarks (needs a source checkout: python -m bench)",
@@ -126,11 +127,11 @@ def _train_policy(argv: Sequence[str]) -> None:
     print_summary(train_policy(cfg))
 
 
-def positional_run_dir(argv: Sequence[str]) -> list[str]:
+def positional_run_dir(argv: Sequence[str], flag: str = "--run_dir") -> list[str]:
     """``DIR --out X`` → ``--run_dir DIR --out X`` (a leading positional run directory)."""
     argv = list(argv)
     if argv and not argv[0].startswith("-") and not argv[0].endswith(CONFIG_SUFFIXES):
-        return ["--run_dir", argv[0], *argv[1:]]
+        return [flag, argv[0], *argv[1:]]
     return argv
 
 
@@ -149,6 +150,15 @@ def _score_rm(argv: Sequence[str]) -> None:
     cfg = parse_config(ScoreRMConfig, argv, prog="prefcore score-rm",
                        description="Score (prompt, response) rows with a reward model.")
     score_reward_model(cfg)
+
+
+def _serve_rm(argv: Sequence[str]) -> None:
+    from prefcore.serve.config import ServeConfig
+    from prefcore.serve.server import serve
+
+    cfg = parse_config(ServeConfig, positional_run_dir(argv, flag="--reward_model"), prog="prefcore serve-rm",
+                       description="Serve a train-rm run over HTTP with cross-request batching.")
+    serve(cfg)
 
 
 def parse_demo(argv: Sequence[str]):
@@ -182,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_command(command, lambda: _export_rm(rest))
     if command == "score-rm":
         return run_command(command, lambda: _score_rm(rest))
+    if command == "serve-rm":
+        return run_command(command, lambda: _serve_rm(rest))
     if command == "bench":
         try:
             from bench.harness import main as bench_main

@@ -44,7 +44,7 @@ class PolicyConfig:
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "tokenizer path (default: the model's)"})
     reward_model: str | None = field(default=None, metadata={
         "help": "a prefcore train-rm run directory, a local AutoModelForSequenceClassification path, "
-                "or 'module:function' (a TRL-style reward function)"})
+                "'module:function' (a TRL-style reward function), or http://HOST:PORT[,…] (prefcore serve-rm servers)"})
     dataset: str | None = field(default=None, metadata={"help": "JSONL/Parquet file with a 'prompt' column"})
     utility: str = field(default="mean", metadata={
         "help": "risk functional of the reward distribution: mean | ce:λ | mean-var:α | cvar:α | quantile:τ"})

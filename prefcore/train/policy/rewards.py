@@ -11,7 +11,9 @@ Kinds (:func:`make_reward`):
   reward distribution, ``utility(dist)`` the scalar (bt runs give scalars directly);
 * a local ``AutoModelForSequenceClassification`` directory: logit 0 of ``prompt + completion``;
 * a Python callable ``f(prompts, completions, **kw)`` returning ``list[float]``, a ``(B,)``
-  tensor, or a prefcore distribution; or ``"module:function"`` naming one.
+  tensor, or a prefcore distribution; or ``"module:function"`` naming one;
+* ``http://HOST:PORT`` (comma-separated for several): ``prefcore serve-rm`` servers
+  (:class:`prefcore.serve.client.RemoteReward`), which return the distribution itself.
 """
 from __future__ import annotations
 
@@ -120,7 +122,12 @@ def _sequence_classifier(path: str, device: str) -> Callable:
 
 def reward_kind(spec: str) -> str:
     """What a reward string names, checked without loading anything: ``run`` (train-rm dir),
-    ``seqcls`` (sequence classifier dir) or ``callable`` (``module:function``)."""
+    ``seqcls`` (sequence classifier dir), ``http`` (serve-rm URLs) or ``callable`` (``module:function``)."""
+    if spec.startswith(("http://", "https://")):
+        from prefcore.serve.client import parse_urls
+
+        parse_urls(spec)
+        return "http"
     if os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, "heads.json")):
             return "run"
@@ -150,6 +157,10 @@ def make_reward(reward: object, utility: Utility, utility_spec: str, *, device: 
         return RewardAdapter(_run_scorer(spec), utility, utility_spec, spec)
     if kind == "seqcls":
         return RewardAdapter(_sequence_classifier(spec, device), utility, utility_spec, spec)
+    if kind == "http":
+        from prefcore.serve.client import RemoteReward
+
+        return RewardAdapter(RemoteReward(spec), utility, utility_spec, spec)
     mod, _, fn = spec.partition(":")
     try:
         f = getattr(importlib.import_module(mod), fn)
