@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +41,22 @@ def qrm_server(runs):
         yield server
 
 
+@pytest.fixture(scope="module")
+def gmm_server(runs):
+    # the test hook: a batch holding a text with "BOOM" fails inside the model call
+    with ServerProcess([str(runs["gmm"]), "--max_batch_tokens", "1"], env={"PREFCORE_SERVE_FAIL_ON": "BOOM"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bt_server(runs):
+    with ServerProcess([str(runs["bt"]), "--api_key", "s3cret"]) as server:
+        yield server
+
+
+KEY = {"Authorization": "Bearer s3cret"}
+
+
 def post(url: str, body, **kw) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(url, content=content, headers={"content-type": "application/json", **kw.pop("headers", {})},
@@ -56,15 +70,15 @@ def offline(run, prompts, responses):
 # ---- scores equal the offline scorer's ----------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["qrm", "gmm", "bt"])
-def test_v1_reward_equals_the_offline_scorer(runs, method):
+def test_v1_reward_equals_the_offline_scorer(runs, method, request):
     prompts, responses = runs["prompts"], runs["responses"]
     dist = offline(runs[method], prompts, responses)
     utilities = ["mean"] if method == "bt" else ["mean", "ce:2", "cvar:0.25", "mean-var:0.5", "quantile:0.1"]
-    with ServerProcess([str(runs[method]), "--max_wait_ms", "10"]) as server:
-        r = post(server.url + "/v1/reward", {"prompts": prompts, "responses": responses, "utilities": utilities})
-        assert r.status_code == 200, r.text
-        res = r.json()["results"]
-        info = httpx.get(server.url + "/info").json()
+    server = request.getfixturevalue(f"{method}_server")
+    r = post(server.url + "/v1/reward", {"prompts": prompts, "responses": responses, "utilities": utilities}, headers=KEY)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    info = httpx.get(server.url + "/info", headers=KEY).json()
     assert len(res) == len(prompts) and info["method"] == method
     mean = dist if method == "bt" else dist.mean()
     torch.testing.assert_close(torch.tensor([x["mean"] for x in res]), mean.double(), **TOL, check_dtype=False)
@@ -182,26 +196,27 @@ def test_concurrent_one_sample_requests_each_get_their_own_answer_and_are_batche
     assert after["batches"] - before["batches"] < 64 and after["largest_batch"] > 1  # requests shared batches
 
 
-def test_a_model_error_fails_only_its_batch_and_the_server_keeps_serving(runs):
+def test_a_model_error_fails_only_its_batch_and_the_server_keeps_serving(runs, gmm_server):
     prompts, responses = runs["prompts"][:2], runs["responses"][:2]
-    with ServerProcess([str(runs["gmm"]), "--max_batch_tokens", "1"], env={"PREFCORE_SERVE_FAIL_ON": "BOOM"}) as server:
-        bad = post(server.url + "/v1/reward", {"prompts": ["x"], "responses": ["BOOM"]})
-        assert bad.status_code == 500 and "model error" in bad.json()["error"], bad.text
-        good = post(server.url + "/v1/reward", {"prompts": prompts, "responses": responses})
-        assert good.status_code == 200, good.text
-        assert httpx.get(server.url + "/info").json()["stats"]["failed_batches"] == 1
-        code = server.stop()
-    assert code == 0
+    url = gmm_server.url
+    before = httpx.get(url + "/info").json()["stats"]["failed_batches"]
+    with ThreadPoolExecutor(2) as pool:  # the failing and a healthy request at the same time
+        bad, good = pool.map(lambda body: post(url + "/v1/reward", body),
+                             [{"prompts": ["x"], "responses": ["BOOM"]}, {"prompts": prompts, "responses": responses}])
+    assert bad.status_code == 500 and "model error" in bad.json()["error"], bad.text
+    assert good.status_code == 200 and len(good.json()["results"]) == 2, good.text
+    assert httpx.get(url + "/info").json()["stats"]["failed_batches"] == before + 1
+    assert post(url + "/v1/reward", {"prompts": prompts, "responses": responses}).status_code == 200
 
 
-def test_api_key_is_required_when_set(runs):
-    with ServerProcess([str(runs["bt"]), "--api_key", "s3cret"]) as server:
-        body = {"prompts": ["a"], "responses": ["b"]}
-        assert httpx.get(server.url + "/health").status_code == 200
-        assert post(server.url + "/v1/reward", body).status_code == 401
-        assert post(server.url + "/v1/reward", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
-        ok = post(server.url + "/v1/reward", body, headers={"Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200 and len(ok.json()["results"]) == 1
+def test_api_key_is_required_when_set(bt_server):
+    body = {"prompts": ["a"], "responses": ["b"]}
+    assert httpx.get(bt_server.url + "/health").status_code == 200
+    assert httpx.get(bt_server.url + "/info").status_code == 401
+    assert post(bt_server.url + "/v1/reward", body).status_code == 401
+    assert post(bt_server.url + "/v1/reward", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = post(bt_server.url + "/v1/reward", body, headers=KEY)
+    assert ok.status_code == 200 and len(ok.json()["results"]) == 1
 
 
 def test_sigterm_lets_in_flight_requests_finish_then_exits_0(runs):
@@ -232,18 +247,18 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(runs):
     (["QRM", "--max_batch_tokens", "0"], "--max_batch_tokens must be >= 1"),
     (["QRM", "--host", "not a host"], "--host must be an IP address"),
 ])
-def test_cli_errors_are_one_line_exit_2(runs, args, message):
+def test_cli_errors_are_one_line_exit_2(runs, args, message, capsys):
+    from prefcore.cli import main
+
     args = [{"BT": str(runs["bt"]), "QRM": str(runs["qrm"])}.get(a, a) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "prefcore.cli", "serve-rm", *args, "--port", "0"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("prefcore serve-rm: error:") and message in lines[-1], proc.stderr
+    assert main(["serve-rm", *args, "--port", "0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prefcore serve-rm: error:") and message in lines[0], lines
 
 
 # ---- train-policy against a server ---------------------------------------------------------------
 
-def test_train_policy_through_servers_equals_the_in_process_reward_model(runs, tmp_path):
+def test_train_policy_through_servers_equals_the_in_process_reward_model(runs, qrm_server, tmp_path):
     from prefcore.train.policy import PolicyConfig, train_policy
     from python_tests.test_train_policy_common import PROMPTS, make_policy, make_tokenizer, read_metrics
 
@@ -256,10 +271,11 @@ def test_train_policy_through_servers_equals_the_in_process_reward_model(runs, t
         return read_metrics(tmp_path / name)
 
     local = run("local", str(runs["qrm"]))
-    with ServerProcess([str(runs["qrm"])]) as a, ServerProcess([str(runs["qrm"]), "--max_batch_tokens", "64"]) as b:
-        remote = run("remote", f"{a.url},{b.url}")  # the batch is split over both servers
-        served = [httpx.get(s.url + "/info").json()["stats"]["samples"] for s in (a, b)]
-    assert all(n > 0 for n in served)  # both servers scored part of every batch
+    with ServerProcess([str(runs["qrm"]), "--max_batch_tokens", "64"]) as b:
+        before = [httpx.get(s.url + "/info").json()["stats"]["samples"] for s in (qrm_server, b)]
+        remote = run("remote", f"{qrm_server.url},{b.url}")  # each batch is split over both servers
+        after = [httpx.get(s.url + "/info").json()["stats"]["samples"] for s in (qrm_server, b)]
+    assert all(n1 > n0 for n0, n1 in zip(before, after))  # both servers scored part of the batches
     assert len(local) == len(remote) == 3
     timing = ("time", "tokens_per_s", "/s", "seconds")
     for lo, re_ in zip(local, remote):

@@ -45,12 +45,9 @@ from dataclasses import asdict
 
 import torch
 
-from prefcore.serve.batcher import Batcher, Sample, ServedModel, stack_rows
+from prefcore.serve.batcher import LOW_QUANTILES, Batcher, Sample, ServedModel, stack_rows
 from prefcore.serve.config import ServeConfig
 from prefcore.utility import Utility, parse_utility
-
-LOW_QUANTILES = (0.05, 0.1, 0.25)
-
 
 class RequestError(Exception):
     def __init__(self, status: int, message: str):
@@ -87,9 +84,6 @@ class Service:
         self.model = model
         self.batcher = batcher
         self.utility: Utility = cfg.parsed_utility
-        if model.kind == "scalar" and not self.utility.is_risk_neutral:
-            raise ValueError(f"--utility {cfg.utility!r} needs a distributional reward model, but "
-                             f"{cfg.reward_model!r} is a {model.method} run (scalar rewards): use --utility mean")
         self.requests = 0
         self.truncated = 0
         self.max_body = int(cfg.max_body_mb * 2**20)
@@ -109,15 +103,16 @@ class Service:
             samples.append(Sample(text, prompt, ids, prompt_ids))
         return samples
 
-    async def score(self, texts: Sequence[str], prompts: Sequence[str], field: str):
-        """The distribution (or ``(B,)`` rewards) of the texts, batched with other requests."""
+    async def score(self, texts: Sequence[str], prompts: Sequence[str], field: str) -> list[dict]:
+        """Per text, its row (:func:`~prefcore.serve.batcher.split_rows`, with the batch-computed
+        ``summary``), scored in batches shared with other requests."""
         samples = await asyncio.to_thread(self._samples, texts, prompts, field)
         futures = self.batcher.submit(samples)
         try:
             rows = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except Exception as exc:  # the model failed on a batch holding some of these samples
             raise RequestError(500, f"model error: {type(exc).__name__}: {exc}") from None
-        return stack_rows(rows)
+        return list(rows)
 
     def utilities(self, specs: list[str] | None) -> list[Utility]:
         if specs is None:
@@ -136,11 +131,10 @@ class Service:
 
     # ---- output ---------------------------------------------------------------------------------
 
-    def low_quantiles(self, dist) -> dict[str, list[float]]:
-        if isinstance(dist, torch.Tensor):
+    def low_quantiles(self, rows: Sequence[dict]) -> dict[str, list[float]]:
+        if rows[0]["summary"]["low_quantiles"] is None:
             return {}
-        q = dist.quantile(torch.tensor(LOW_QUANTILES, dtype=torch.float64)).double()
-        return {f"reward_q{t:g}": q[..., i].tolist() for i, t in enumerate(LOW_QUANTILES)}
+        return {f"reward_q{t:g}": [r["summary"]["low_quantiles"][i] for r in rows] for i, t in enumerate(LOW_QUANTILES)}
 
     def info(self) -> dict:
         return {"model": self.cfg.reward_model, "method": self.model.method, "kind": self.model.kind,
@@ -241,8 +235,8 @@ def build_app(service: Service):
         if prompts:
             from prefcore.train.rm.sources import response_text
 
-            dist = await service.score([response_text(p, r) for p, r in zip(prompts, responses)], prompts, "responses")
-            out["results"] = results(dist, utilities)
+            rows = await service.score([response_text(p, r) for p, r in zip(prompts, responses)], prompts, "responses")
+            out["results"] = results(stack_rows(rows), utilities)
         return out
 
     @app.post("/get_reward")
@@ -262,11 +256,10 @@ def build_app(service: Service):
                 raise RequestError(400, f"field 'query[{i}]' does not start with 'prompts[{i}]' (the query is the "
                                         "prompt followed by the response)")
             texts.append(response_text(p, q[len(p):]))
-        dist = await service.score(texts, prompts, "query")
-        rewards = service.utility(dist).double().tolist()
-        mean = (dist if isinstance(dist, torch.Tensor) else dist.mean()).double().tolist()
+        rows = await service.score(texts, prompts, "query")
+        rewards = [r["summary"]["utility"] for r in rows]
         return {"rewards": rewards, "scores": rewards,
-                "extra_logs": {"reward_mean": mean, **service.low_quantiles(dist)}}
+                "extra_logs": {"reward_mean": [r["summary"]["mean"] for r in rows], **service.low_quantiles(rows)}}
 
     @app.post("/classify")
     async def classify(request: Request):
@@ -279,17 +272,16 @@ def build_app(service: Service):
         if not texts:
             return out
         prompts = [t.split("\n\n", 1)[0] for t in texts]
-        dist = await service.score(texts, prompts, "input")
-        util = service.utility(dist).double().tolist()
-        if isinstance(dist, torch.Tensor):
-            probs = [[u] for u in util]
-        else:
-            mean = dist.mean().double().tolist()
-            head = dist.values.double().tolist() if service.model.kind == "quantile" else [[] for _ in util]
-            probs = [[*h, m, u] for h, m, u in zip(head, mean, util)]
+        rows = await service.score(texts, prompts, "input")
+        kind = service.model.kind
+        probs = []
+        for r in rows:
+            head = r["values"].double().tolist() if kind == "quantile" else []
+            tail = [r["summary"]["utility"]] if kind == "scalar" else [r["summary"]["mean"], r["summary"]["utility"]]
+            probs.append([*head, *tail])
         out["data"] = [{"index": i, "label": str(service.utility), "probs": p, "num_classes": len(p)}
                        for i, p in enumerate(probs)]
-        n_tokens = sum(len(service.model.tokenize(t)[0]) for t in texts)
+        n_tokens = sum(r["n_tokens"] for r in rows)
         out["usage"] = {"prompt_tokens": n_tokens, "total_tokens": n_tokens, "completion_tokens": 0}
         return out
 

@@ -98,13 +98,30 @@ class ServedModel:
         return self.scorer.distribution_from_features(feats, prompt_feats)
 
 
+LOW_QUANTILES = (0.05, 0.1, 0.25)
+
+
 def split_rows(dist) -> list[dict[str, torch.Tensor]]:
-    """A batch's distribution → one dict of tensors per sample (what :func:`stack_rows` rejoins)."""
+    """A batch's distribution → one dict of tensors per sample (what :func:`stack_rows` rejoins;
+    the batcher adds each sample's ``summary``)."""
     if isinstance(dist, torch.Tensor):
         return [{"value": v} for v in dist.reshape(-1)]
     if isinstance(dist, D.QuantileDistribution):
         return [{"values": v, "taus": dist.taus} for v in dist.values]
     return [{"logits": a, "mu": b, "log_sigma": c} for a, b, c in zip(dist.logits, dist.mu, dist.log_sigma)]
+
+
+def summaries(dist, utility) -> list[dict[str, object]]:
+    """Per sample: the mean, the served ``utility`` and the low quantiles (distributional models),
+    computed once for the whole batch — what the hot endpoints answer with, so a request does no
+    per-sample maths of its own."""
+    mean = (dist if isinstance(dist, torch.Tensor) else dist.mean()).double().tolist()
+    util = utility(dist).double().reshape(-1).tolist()
+    if isinstance(dist, torch.Tensor):
+        return [{"mean": m, "utility": u, "low_quantiles": None} for m, u in zip(mean, util)]
+    dev = dist.values.device if isinstance(dist, D.QuantileDistribution) else dist.logits.device
+    low = dist.quantile(torch.tensor(LOW_QUANTILES, dtype=torch.float64, device=dev)).double().tolist()
+    return [{"mean": m, "utility": u, "low_quantiles": q} for m, u, q in zip(mean, util, low)]
 
 
 def stack_rows(rows: Sequence[dict[str, torch.Tensor]]):
@@ -129,8 +146,9 @@ class Batcher:
     """Cross-request batching in one worker thread (module docstring). ``submit`` never blocks;
     ``close`` scores everything already queued, then stops the worker."""
 
-    def __init__(self, model: ServedModel, *, max_batch_tokens: int, max_wait_ms: float):
+    def __init__(self, model: ServedModel, utility, *, max_batch_tokens: int, max_wait_ms: float):
         self.model = model
+        self.utility = utility
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
         self.stats = BatchStats()
@@ -179,7 +197,10 @@ class Batcher:
 
     def _run_batch(self, batch: list[Sample]) -> None:
         try:
-            rows = split_rows(self.model.score(batch))
+            dist = self.model.score(batch)
+            rows = split_rows(dist)
+            for row, summary, s in zip(rows, summaries(dist, self.utility), batch):
+                row["summary"], row["n_tokens"] = summary, len(s.ids)
         except Exception as exc:  # a model error fails this batch's samples only
             with self._lock:
                 self.stats.failed_batches += 1
