@@ -139,7 +139,7 @@ def machine_info() -> dict[str, Any]:
             "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__, "platform": platform.platform()}
 
 
-def run_all(quick: bool, threads: int) -> dict[str, Any]:
+def run_all(quick: bool) -> dict[str, Any]:
     from prefcore.serve.process import ServerProcess
 
     cfg = setup_config(quick)
@@ -148,8 +148,8 @@ def run_all(quick: bool, threads: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="prefcore-serve-bench-") as work:
         run, pairs = build_run(work, cfg)
         for mode, flags in MODES.items():
-            env = {"OMP_NUM_THREADS": str(threads)}  # the server's torch threads, as a user would pin them
-            with ServerProcess([run, "--utility", "cvar:0.1", *flags], env=env) as server:
+            # an ordinary server process: the environment as the user has it, torch's default threads
+            with ServerProcess([run, "--utility", "cvar:0.1", *flags]) as server:
                 results[mode] = []
                 for n in cfg["clients"]:
                     r = asyncio.run(load(server.url, pairs, n, cfg["seconds"], cfg["warmup_s"], cfg["max_requests"]))
@@ -166,7 +166,7 @@ def run_all(quick: bool, threads: int) -> dict[str, Any]:
     now = dt.datetime.now(dt.timezone.utc)
     return {"bench": "serve_rm", "quick": quick, "date": now.date().isoformat(),
             "datetime_utc": now.isoformat(timespec="seconds"), "command": "python -m bench.serve_rm" + (" --quick" if quick else ""),
-            "machine": machine_info(), "server_threads": threads, "config": cfg, "load_avg_before": load_before,
+            "machine": machine_info(), "server_threads": torch.get_num_threads(), "config": cfg, "load_avg_before": load_before,
             "load_avg_after": list(os.getloadavg()), "results": results,
             "ratio": {"clients": top, "throughput_batched_over_one_at_a_time": ratio},
             "target": {**TARGET, "met": bool(top == TARGET["clients"] and ratio >= TARGET["min_throughput_ratio"])}}
@@ -189,13 +189,10 @@ def markdown(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.serve_rm", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 clients, 1 s each (a smoke test)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the server (default 2)")
     ap.add_argument("--out", default=None, help="results path (default bench/results/serve-rm-<machine>-<date>.json)")
     a = ap.parse_args(argv)
-    if a.threads < 1:
-        ap.error(f"--threads must be >= 1, got {a.threads}")
-    res = run_all(a.quick, a.threads)
-    slug = re.sub(r"[^a-z0-9]+", "-", f"cpu-{res['machine']['cpu']}-{a.threads}t".lower()).strip("-")
+    res = run_all(a.quick)
+    slug = re.sub(r"[^a-z0-9]+", "-", f"cpu-{res['machine']['cpu']}-{res['server_threads']}t".lower()).strip("-")
     path = a.out or os.path.join(RESULTS_DIR, f"serve-rm-{slug}-{res['date']}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"

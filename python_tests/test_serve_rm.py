@@ -284,3 +284,18 @@ def test_train_policy_through_servers_equals_the_in_process_reward_model(runs, q
             if any(t in k for t in timing) or not isinstance(v, (int, float)):
                 continue
             assert re_[k] == pytest.approx(v, rel=1e-5, abs=1e-5), k
+
+
+def test_verl_reward_function_returns_the_served_utility(runs, qrm_server, monkeypatch):
+    import asyncio
+
+    from prefcore.integrations.verl import compute_score
+
+    prompt, response = runs["prompts"][3], runs["responses"][3]
+    monkeypatch.setenv("PREFCORE_RM_URL", qrm_server.url)
+    out = asyncio.run(compute_score("src", response, None, {"prompt": prompt}))
+    dist = offline(runs["qrm"], [prompt], [response])
+    assert out["score"] == pytest.approx(float(parse_utility("cvar:0.25")(dist)[0]), abs=1e-5)
+    assert out["reward_mean"] == pytest.approx(float(dist.mean()[0]), abs=1e-5)
+    with pytest.raises(ValueError, match="extra_info must hold the prompt"):
+        asyncio.run(compute_score("src", response, None, {}))

@@ -28,6 +28,8 @@ from bench.targets import LIMIT_TARGETS, TARGETS, THREADS  # noqa: E402
 BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
 # One RLOO step, prefcore vs TRL (bench/policy_step.py), in a block of its own.
 PS_BEGIN, PS_END = "<!-- policy-step:begin -->", "<!-- policy-step:end -->"
+# prefcore serve-rm under load (bench/serve_rm.py).
+SR_BEGIN, SR_END = "<!-- serve-rm:begin -->", "<!-- serve-rm:end -->"
 README = os.path.join(ROOT, "README.md")
 NO_RESULTS = ("*No headline (ordinary-process) results are recorded in `bench/results/` yet: run `python -m bench`, "
               "then `python tools/bench_table.py --readme`.*")
@@ -58,6 +60,27 @@ def render_policy_step(path: str) -> str:
             f"cores), {res['threads']} torch threads, torch {m['torch']}, transformers {m['transformers']}, "
             f"trl {m['trl']}; load average before {res['load_avg_before'][0]:.2f}, after "
             f"{res['load_avg_after'][0]:.2f}; `{res['command']}`.")
+    return head + "\n\n" + markdown(res)
+
+
+def serve_rm_files() -> list[str]:
+    return sorted(glob.glob(os.path.join(ROOT, "bench", "results", "serve-rm-*.json")))
+
+
+def render_serve_rm(path: str) -> str:
+    """The table ``bench.serve_rm`` prints, under a line naming the file, machine and load."""
+    from bench.serve_rm import markdown
+
+    with open(path) as f:
+        res = json.load(f)
+    m, c = res["machine"], res["config"]
+    head = (f"`{os.path.relpath(path, ROOT)}`: {res['datetime_utc']}, {m['cpu']} ({m['logical_cores']} logical cores; "
+            f"server and clients share them), torch's default {res['server_threads']} threads in the server, torch {m['torch']}, "
+            f"fastapi {m['fastapi']}, uvicorn {m['uvicorn']}; load average before {res['load_avg_before'][0]:.2f}, "
+            f"after {res['load_avg_after'][0]:.2f}; gmm reward model on a random Llama (hidden {c['hidden_size']}, "
+            f"{c['num_layers']} layers, V = {c['vocab']}), texts of {c['prompt_words']} + "
+            f"{c['response_words'][0]}–{c['response_words'][1]} words, {c['seconds']:g} s per row after "
+            f"{c['warmup_s']:g} s of warm-up; `{res['command']}`.")
     return head + "\n\n" + markdown(res)
 
 
@@ -135,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     if PS_BEGIN in new and PS_END in new:
         ps = "\n\n".join(render_policy_step(p) for p in policy_step_files()) or "*No policy-step results recorded.*"
         new = _replace_block(new, PS_BEGIN, PS_END, ps)
+    if SR_BEGIN in new and SR_END in new:
+        sr = "\n\n".join(render_serve_rm(p) for p in serve_rm_files()) or "*No serve-rm results recorded.*"
+        new = _replace_block(new, SR_BEGIN, SR_END, sr)
     if args.check:
         if new != text:
             print("README.md's benchmark table is stale: run python tools/bench_table.py --readme", file=sys.stderr)
