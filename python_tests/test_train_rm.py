@@ -102,8 +102,8 @@ def test_config_from_flags_json_and_yaml_agree(tmp_path):
     # Flags after the file override it (resume a run configured by a file).
     over = parse_train_rm([str(ym), "--resume", "--lr", "0.5"])
     assert over.resume is True and over.lr == 0.5
-    js.write_text(json.dumps({"method": "gmm", "learning_rate": 0.1}))
-    with pytest.raises(ValueError, match=r"unknown options \['learning_rate'\]"):
+    js.write_text(json.dumps({"method": "gmm", "learn_rate": 0.1}))
+    with pytest.raises(ValueError, match=r"unknown options \['learn_rate'\]"):
         parse_train_rm([str(js)])
 
 

@@ -31,7 +31,13 @@ from prefcore._io import atomic_save_safetensors, atomic_write_json
 from prefcore.train.loop import METRICS, LoopConfig, MetricsLog, load_checkpoint, run_stage
 from prefcore.train.rm.sources import DATA_FORMATS, PAIR_FORMATS
 
+from prefcore.data.batching import TOO_LONG
+from prefcore.models.packing import PACKING
+
 METHODS = ("bt", "bt-margin", "qrm", "gmm", "mean-var")
+FINETUNE = ("none", "lora", "full")
+FINETUNE_METHODS = ("bt", "bt-margin")  # the methods --finetune lora|full trains today
+SCHEDULERS = ("linear", "cosine", "constant")
 GMM_TARGETS = ("scores", "em", "histogram")
 
 
@@ -81,6 +87,35 @@ class TrainRMConfig:
     risk_lambda: float = field(default=2.0, metadata={"help": "report: λ of the certainty equivalent"})
     risk_alpha: float = field(default=0.1, metadata={"help": "report: α of CVaR/VaR"})
     progress: bool = field(default=True, metadata={"help": "show tqdm progress bars"})
+    # ---- fine-tuning the backbone with the head (--finetune lora|full; TRL's names) ----------------
+    finetune: str = field(default="none", metadata={"help": "none: heads on frozen features (above); lora or full: "
+                                                            "train the backbone with the head from text pairs",
+                                                    "choices": FINETUNE})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "finetune: pairs per optimizer micro-batch"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "finetune: micro-batches per optimizer step"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "finetune: learning rate of the backbone (or LoRA)"})
+    head_learning_rate: float = field(default=1e-3, metadata={"help": "finetune: learning rate of the reward head"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "finetune: epochs (when max_steps is -1)"})
+    max_steps: int = field(default=-1, metadata={"help": "finetune: optimizer steps (-1: from num_train_epochs)"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "finetune: share of the steps with a linear warm-up"})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "finetune: decay after warm-up",
+                                                                 "choices": SCHEDULERS})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "finetune: gradient clipping (0 = off)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "finetune: recompute activations in backward"})
+    bf16: bool = field(default=False, metadata={"help": "finetune: bf16 autocast forward, fp32 weights"})
+    disable_dropout: bool = field(default=True, metadata={"help": "finetune: set every dropout probability to 0"})
+    center_rewards_coefficient: float | None = field(default=None, metadata={
+        "help": "finetune: weight of the mean squared reward (TRL's centering term; bt, bt-margin)"})
+    lora_r: int = field(default=16, metadata={"help": "finetune lora: rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "finetune lora: scale numerator"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "finetune lora: dropout on the LoRA input"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "finetune lora: 'all-linear' or a "
+                                                                             "comma-separated list of module names"})
+    packing: str = field(default="auto", metadata={"help": "finetune: pair forward — packed (prompt encoded once), "
+                                                           "plain (two sequences) or auto", "choices": PACKING})
+    too_long: str = field(default="truncate", metadata={"help": "finetune: a pair over max_length is truncated "
+                                                                "(prompt cut from the left) or dropped",
+                                                        "choices": TOO_LONG})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -108,6 +143,7 @@ class TrainRMConfig:
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ValueError(f"out must name a run directory, but {self.out!r} is an existing file")
         self.loop_config(self.steps)  # validates the optimisation settings
+        check_finetune_settings(self)
 
     @property
     def range(self) -> tuple[float, float]:
@@ -121,6 +157,51 @@ class TrainRMConfig:
         return LoopConfig(steps=steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                           warmup_steps=min(self.warmup_steps, max(0, steps - 1)), seed=self.seed,
                           log_every=self.log_every, checkpoint_every=self.checkpoint_every)
+
+
+def check_finetune_settings(cfg: TrainRMConfig) -> None:
+    """The fine-tuning settings, checked before any model loads (one-line errors)."""
+    for name, choices in (("finetune", FINETUNE), ("lr_scheduler_type", SCHEDULERS), ("packing", PACKING),
+                          ("too_long", TOO_LONG)):
+        if getattr(cfg, name) not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
+    if cfg.finetune == "none":
+        return
+    if cfg.method not in FINETUNE_METHODS:
+        raise ValueError(f"--finetune {cfg.finetune} trains {' and '.join(FINETUNE_METHODS)} today; method "
+                         f"{cfg.method!r} trains its heads on frozen features (--finetune none)")
+    if cfg.data == "synthetic" or cfg.backbone is None:
+        raise ValueError(f"--finetune {cfg.finetune} trains a backbone on text: pass --backbone (a local transformers "
+                         "model) and --data (a JSONL/Parquet pairs file)")
+    for name, low in (("per_device_train_batch_size", 1), ("gradient_accumulation_steps", 1), ("lora_r", 1),
+                      ("lora_alpha", 1)):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise ValueError(f"max_steps must be -1 (from num_train_epochs) or >= 1, got {cfg.max_steps}")
+    if cfg.max_steps == -1 and not cfg.num_train_epochs > 0:
+        raise ValueError(f"num_train_epochs must be > 0, got {cfg.num_train_epochs}")
+    for name in ("learning_rate", "head_learning_rate"):
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio must lie in [0, 1), got {cfg.warmup_ratio}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must lie in [0, 1), got {cfg.lora_dropout}")
+    if not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0):
+        raise ValueError(f"max_grad_norm must be a finite number >= 0, got {cfg.max_grad_norm}")
+    if cfg.center_rewards_coefficient is not None and not (math.isfinite(cfg.center_rewards_coefficient)
+                                                           and cfg.center_rewards_coefficient >= 0):
+        raise ValueError(f"center_rewards_coefficient must be a finite number >= 0, got {cfg.center_rewards_coefficient}")
+    if not cfg.lora_target_modules.strip():
+        raise ValueError("lora_target_modules must be 'all-linear' or a comma-separated list of module names")
+    if cfg.finetune == "lora":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ValueError("--finetune lora needs peft: pip install 'prefcore[lora]' (or use --finetune full)") from None
 
 
 def _saved_config(cfg: TrainRMConfig) -> dict:
@@ -206,6 +287,10 @@ def train_reward_model(cfg: TrainRMConfig, data=None) -> dict:
     from prefcore._progress import library_output
 
     with library_output(cfg.progress):
+        if cfg.finetune != "none":
+            from prefcore.train.rm.finetune import finetune_reward_model
+
+            return finetune_reward_model(cfg)
         return _train_reward_model(cfg, data)
 
 

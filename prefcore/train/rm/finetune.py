@@ -1,0 +1,335 @@
+"""Fine-tune a reward model's backbone together with its head: ``prefcore train-rm --finetune
+lora|full`` (methods ``bt`` and ``bt-margin`` today; QRM/GMM/mean-var train on frozen features).
+
+The backbone (``--backbone``, a local transformers model loaded as its base model, so a
+``…ForCausalLM`` never runs its LM head) and the ``bt`` head (``trunk`` + ``ScalarHead``, as the
+frozen path builds them) are trained jointly from a text pairs file ``{prompt, chosen, rejected,
+votes?, margin?}`` with the Bradley–Terry loss
+
+    L = −log σ(r_c − r_r − m) + c · mean(r_c² + r_r²)/2,
+
+``m`` the vote margin (``bt-margin``) or 0, ``c`` = ``center_rewards_coefficient`` (TRL's centering
+term, off by default). AdamW with two parameter groups (``learning_rate`` for the backbone or its
+LoRA adapters, ``head_learning_rate`` for the head), linear warm-up over ``warmup_ratio`` of the
+steps then ``linear`` / ``cosine`` decay or ``constant``, ``gradient_accumulation_steps``
+micro-batches of ``per_device_train_batch_size`` pairs per step (the loss is averaged over the
+step's pairs), gradient clipping at ``max_grad_norm``.
+
+**No wasted compute.** Each pair is tokenised as ``[prefix] + prompt + "\\n\\n"`` and the response
+(``prefix`` = the tokenizer's own leading special tokens, e.g. BOS), exactly the tokens the run's
+scorer reads for ``prompt + "\\n\\n" + response``; pairs whose pieces do not concatenate to the
+whole-text tokenisation are counted in the log. An over-long pair keeps its responses' ends and
+cuts the prompt from the left (:func:`prefcore.data.truncate_pair`; ``too_long=drop`` drops it),
+the prefix is always kept (as the tokenizer's own left truncation does); the log counts both.
+Batches are length-grouped (:class:`prefcore.data.LengthGroupedBatchSampler`), and the pair
+forward encodes the prompt once (:func:`prefcore.models.packing.pair_features`, ``packing``
+``auto``/``packed``/``plain``; the choice and its reason are logged). No pad token is needed:
+padding is masked.
+
+**The run directory** holds what scoring needs (written atomically): ``backbone/`` — the
+fine-tuned backbone (LoRA merged into the base weights) and tokenizer, which
+:class:`~prefcore.train.rm.scoring.RunScorer`, ``train-policy --reward_model`` and the TRL
+adapter load, so the run can be moved and the original backbone deleted; ``adapter/`` (LoRA
+only, for reference); ``heads.safetensors`` + ``heads.json``; ``config.json``; ``metrics.jsonl``;
+``reward_stats.json`` (the training rewards' mean/std); ``report.json`` (held-out pairwise
+accuracy). Not yet: resuming a fine-tuning run, torchrun/FSDP2 fine-tuning, and the ratings
+methods (qrm, gmm, mean-var).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prefcore._io import atomic_write_json
+from prefcore.train.loop import METRICS, MetricsLog
+
+# Called after every optimizer step with the step index (1-based); the step benchmark uses it.
+AFTER_STEP: Callable[[int], None] | None = None
+
+
+@dataclass
+class TokenizedPairs:
+    """Token ids of each pair's pieces after truncation (``prompt`` includes the prefix)."""
+
+    prompt: list[list[int]]
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+    margin: torch.Tensor | None  # (N,) float32, bt-margin
+
+
+def _prefix_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before any text (e.g. BOS). A tokenizer that adds
+    anything after the text (an EOS would be the pooled token, not the response's end) is refused."""
+    empty = list(tokenizer("")["input_ids"])
+    probe = list(tokenizer("x")["input_ids"])
+    if probe != empty + list(tokenizer("x", add_special_tokens=False)["input_ids"]):
+        raise ValueError("--finetune: the tokenizer adds special tokens after the text (or around it in another "
+                         "layout); only tokenizers that add a prefix (e.g. BOS) or nothing are supported")
+    return empty
+
+
+def tokenize_pairs(tokenizer, records: Sequence, max_length: int, too_long: str, method: str) -> tuple[TokenizedPairs, list[int], dict]:
+    """``(pairs, kept record indices, log counts)``: each record's pieces (module docstring)."""
+    from prefcore.data.batching import TruncationStats, truncate_pair
+
+    prefix = _prefix_ids(tokenizer)
+    budget = max_length - len(prefix)
+    if budget < 2:
+        raise ValueError(f"max_length must leave room for the tokenizer's {len(prefix)} prefix token(s) and a "
+                         f"response token, got {max_length}")
+    stats = TruncationStats()
+    out = TokenizedPairs([], [], [], None)
+    kept: list[int] = []
+    split_mismatch = 0
+    margins = []
+    enc = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    for i, rec in enumerate(records):
+        p = enc(f"{rec.prompt}\n\n")
+        c, r = enc(rec.chosen), enc(rec.rejected)
+        if not c or not r:
+            raise ValueError(f"data row {i}: a response tokenizes to zero tokens (nothing to pool)")
+        whole = enc(f"{rec.prompt}\n\n{rec.chosen}")
+        split_mismatch += int(whole != p + c)
+        cut = truncate_pair(p, c, r, budget, too_long=too_long, stats=stats)
+        if cut is None:
+            continue
+        out.prompt.append(prefix + list(cut[0]))
+        out.chosen.append(list(cut[1]))
+        out.rejected.append(list(cut[2]))
+        kept.append(i)
+        if method == "bt-margin":
+            m = rec.margin if rec.margin is not None else (rec.vote_margin() if rec.votes else None)
+            if m is None:
+                raise ValueError(f"data row {i}: method 'bt-margin' needs votes or a margin on every pair")
+            margins.append(float(m))
+    if not kept:
+        raise ValueError(f"--too_long {too_long}: every pair is longer than max_length={max_length}; raise "
+                         "--max_length or use --too_long truncate")
+    if margins:
+        out.margin = torch.tensor(margins, dtype=torch.float32)
+    return out, kept, {"truncation": stats.message(max_length, too_long),
+                       "split_tokenization_mismatch": split_mismatch}
+
+
+def _lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:  # step = optimizer steps taken so far
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        frac = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1.0 - frac) if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+    return f
+
+
+def _apply_lora(backbone: nn.Module, cfg) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules.strip()
+    target = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target)
+    try:
+        return get_peft_model(backbone, lcfg)
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        raise ValueError(f"lora_target_modules={targets!r}: {exc}") from None
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop"):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def _pair_batch(pairs: TokenizedPairs, idx: Sequence[int], device: torch.device):
+    from prefcore.data.batching import collate_pairs
+
+    rows = [(pairs.prompt[i], pairs.chosen[i], pairs.rejected[i]) for i in idx]
+    return [tuple(t.to(device) for t in seg) for seg in collate_pairs(rows, pad_id=0)]
+
+
+def pair_rewards(backbone: nn.Module, heads: nn.ModuleDict, pairs: TokenizedPairs, idx: Sequence[int],
+                 packing: str, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r_chosen, r_rejected)`` ``(B,)`` float32 of the pairs ``idx`` (with gradients)."""
+    from prefcore.models.packing import pair_features
+
+    device = next(backbone.parameters()).device
+    p, c, r = _pair_batch(pairs, idx, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        feats = pair_features(backbone, p, c, r, packing=packing)
+    head = lambda x: heads["scalar"](heads["trunk"](x.float()))  # noqa: E731
+    return head(feats.chosen), head(feats.rejected)
+
+
+def finetune_reward_model(cfg) -> dict:
+    """Fine-tune ``cfg.backbone`` with a ``cfg.method`` head on ``cfg.data`` into ``cfg.out``
+    (module docstring); returns the held-out report (also ``OUT/report.json``)."""
+    from prefcore.data.batching import LengthGroupedBatchSampler, pair_length
+    from prefcore.models.packing import resolve_packing
+    from prefcore.train.rm.methods import build_heads
+    from prefcore.train.rm.rmdir import save_backbone_dir, write_reward_stats
+    from prefcore.train.rm.sources import _kind, _load, load_text_encoder
+    from prefcore.train.rm.trainer import _saved_config, save_heads
+
+    if cfg.resume:
+        raise ValueError("--resume is not supported for --finetune runs yet (start the run again)")
+    if not os.path.isfile(cfg.data):
+        raise FileNotFoundError(f"data must be an existing JSONL/Parquet pairs file, got {cfg.data!r}")
+    kind = _kind(cfg.data, cfg.data_format, cfg.attributes)
+    if kind != "pairs":
+        raise ValueError(f"method {cfg.method!r} trains on pairs, but {cfg.data!r} holds {kind}")
+    ds = _load(cfg.data, cfg.data_format, kind, cfg)
+    backbone, tokenizer = load_text_encoder(cfg.backbone)
+    records = list(ds.records)
+    pairs, kept, counts = tokenize_pairs(tokenizer, records, cfg.max_length, cfg.too_long, cfg.method)
+
+    # split after tokenisation: held-out pairs are never trained on
+    from prefcore.train.rm.data import held_out_count
+
+    n = len(kept)
+    n_test = held_out_count(n, cfg.eval_fraction, "pairs", source=cfg.data)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    test_idx, train_idx = perm[:n_test], perm[n_test:]
+
+    torch.manual_seed(cfg.seed)
+    backbone.train()
+    if cfg.disable_dropout:
+        _disable_dropout(backbone)
+    if cfg.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable()
+    base_backbone = backbone
+    if cfg.finetune == "lora":
+        if cfg.gradient_checkpointing:
+            base_backbone.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        backbone = _apply_lora(backbone, cfg)
+    hidden = int(base_backbone.config.hidden_size)
+    hc = {"method": cfg.method, "trunk_layers": int(cfg.trunk_layers), "trunk_width": int(cfg.trunk_width),
+          "in_features": hidden}
+    heads = build_heads(hc)
+    choice = resolve_packing(cfg.packing, backbone)
+
+    micro = cfg.per_device_train_batch_size
+    step_pairs = micro * cfg.gradient_accumulation_steps
+    lengths = [pair_length(pairs.prompt[i], pairs.chosen[i], pairs.rejected[i], choice.mode) for i in train_idx]
+    sampler = LengthGroupedBatchSampler(lengths, step_pairs, shuffle=True, seed=cfg.seed)
+    steps_per_epoch = len(sampler)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    warmup = int(cfg.warmup_ratio * total)
+    groups = [{"params": [p for p in backbone.parameters() if p.requires_grad], "lr": cfg.learning_rate},
+              {"params": list(heads.parameters()), "lr": cfg.head_learning_rate}]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.lr_scheduler_type, warmup, total))
+
+    out = cfg.out
+    os.makedirs(out, exist_ok=True)
+    for stale in ("checkpoint.pt", METRICS, "report.json"):
+        if os.path.exists(os.path.join(out, stale)):
+            os.remove(os.path.join(out, stale))
+    atomic_write_json(os.path.join(out, "config.json"), _saved_config(cfg))
+    log = MetricsLog(os.path.join(out, METRICS))
+    trunc = counts["truncation"]
+    print(f"prefcore train-rm [{cfg.method}, finetune {cfg.finetune}]: {len(records)} pairs, {n - n_test} train / "
+          f"{n_test} held out; {choice.reason}; {trunc}; pairs whose split tokenization differs from the "
+          f"whole text: {counts['split_tokenization_mismatch']}; {total} steps of {step_pairs} pairs", flush=True)
+
+    margin = pairs.margin
+    step, epoch = 0, 0
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"train-rm {cfg.method} ({cfg.finetune})", leave=False)
+    while step < total:
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            if step >= total:
+                break
+            t0 = time.perf_counter()
+            ids = [train_idx[j] for j in batch]
+            opt.zero_grad(set_to_none=True)
+            loss_sum, correct = 0.0, 0
+            for k in range(0, len(ids), micro):
+                part = ids[k:k + micro]
+                r_c, r_r = pair_rewards(backbone, heads, pairs, part, choice.mode, cfg.bf16)
+                m = margin[part] if (cfg.method == "bt-margin" and margin is not None) else 0.0
+                per_pair = -torch.nn.functional.logsigmoid(r_c - r_r - m)
+                if cfg.center_rewards_coefficient:
+                    per_pair = per_pair + cfg.center_rewards_coefficient * 0.5 * (r_c ** 2 + r_r ** 2)
+                (per_pair.sum() / len(ids)).backward()
+                loss_sum += float(per_pair.detach().sum())
+                correct += int((r_c > r_r).sum())
+            params = [p for g in groups for p in g["params"]]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
+                                                              else float("inf")))
+            opt.step()
+            sched.step()
+            step += 1
+            if AFTER_STEP is not None:
+                AFTER_STEP(step)
+            if step % cfg.log_every == 0 or step == total:
+                log.write({"stage": "finetune", "step": step, "loss": loss_sum / len(ids),
+                            "accuracy": correct / len(ids), "grad_norm": grad_norm,
+                            "lr": opt.param_groups[0]["lr"], "head_lr": opt.param_groups[1]["lr"],
+                            "step_time": time.perf_counter() - t0})
+            if bar is not None:
+                bar.update(1)
+        epoch += 1
+    if bar is not None:
+        bar.close()
+
+    backbone.eval()
+    heads.eval()
+    report = {"method": cfg.method, "finetune": cfg.finetune, "num_eval_pairs": n_test,
+              **_evaluate(backbone, heads, pairs, test_idx, choice.mode)}
+    train_rewards = _rewards(backbone, heads, pairs, train_idx, choice.mode)
+
+    # the self-contained run directory (module docstring)
+    if cfg.finetune == "lora":
+        backbone.save_pretrained(os.path.join(out, "adapter"))
+        merged = backbone.merge_and_unload()
+    else:
+        merged = backbone
+    if cfg.gradient_checkpointing:
+        merged.gradient_checkpointing_disable()
+    save_backbone_dir(merged, tokenizer, out)
+    save_heads(heads, hc, out)
+    write_reward_stats(out, train_rewards)
+    atomic_write_json(os.path.join(out, "report.json"), report)
+    print(f"prefcore train-rm [{cfg.method}, finetune {cfg.finetune}] → {out}\n"
+          + "\n".join(f"{k:<20}  {v:.4f}" if isinstance(v, float) else f"{k:<20}  {v}" for k, v in report.items()))
+    return report
+
+
+@torch.no_grad()
+def _rewards(backbone, heads, pairs: TokenizedPairs, idx: Sequence[int], mode: str, batch: int = 16) -> torch.Tensor:
+    """Chosen then rejected rewards of the pairs ``idx``, ``(2·len(idx),)``."""
+    rc, rr = [], []
+    for k in range(0, len(idx), batch):
+        c, r = pair_rewards(backbone, heads, pairs, idx[k:k + batch], mode, False)
+        rc.append(c.float())
+        rr.append(r.float())
+    return torch.cat(rc + rr) if rc else torch.zeros(0)
+
+
+@torch.no_grad()
+def _evaluate(backbone, heads, pairs: TokenizedPairs, idx: Sequence[int], mode: str) -> dict:
+    r = _rewards(backbone, heads, pairs, idx, mode)
+    n = len(idx)
+    rc, rr = r[:n], r[n:]
+    return {"pairwise_accuracy": float((rc > rr).float().mean()) if n else float("nan"),
+            "mean_reward": float(r.mean()) if n else float("nan")}
+
+
+def load_report(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "report.json")) as f:
+        return json.load(f)
