@@ -143,6 +143,13 @@ def test_bad_settings_are_one_line_exit_2_and_leave_nothing(world, tmp_path, cap
     assert not out.exists()
 
 
+def test_finetuning_under_several_processes_is_refused(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the refusal comes before any group is joined
+    out = tmp_path / "run"
+    assert finetune(world, out, "full", "--max_steps", "1") == 2
+    assert "not supported yet" in capsys.readouterr().err and not out.exists()
+
+
 def test_lora_without_peft_names_the_package(world, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
     out = tmp_path / "run"

@@ -183,6 +183,8 @@ def finetune_reward_model(cfg) -> dict:
 
     if cfg.resume:
         raise ValueError("--resume is not supported for --finetune runs yet (start the run again)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--finetune under torchrun (several processes) is not supported yet; run one process")
     if not os.path.isfile(cfg.data):
         raise FileNotFoundError(f"data must be an existing JSONL/Parquet pairs file, got {cfg.data!r}")
     kind = _kind(cfg.data, cfg.data_format, cfg.attributes)
