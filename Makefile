@@ -34,9 +34,12 @@ $(DEPS_STAMP): $(PY) pyproject.toml setup.py
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	touch $@ $(EXT_STAMP)
 
-# Incremental rebuild (ninja) whenever a C++/CUDA source changes.
+# Incremental rebuild (ninja) whenever a C++/CUDA source changes. On a fresh machine the editable
+# install above has just built prefcore._C: make could not know that (the stamp did not exist when
+# it planned), so skip a second full compile when the stamp is newer than every source.
 $(EXT_STAMP): $(DEPS_STAMP) $(CSRC) setup.py
-	$(PY) setup.py -q build_ext --inplace
+	@if [ -f $@ ] && ls prefcore/_C*.so >/dev/null 2>&1 && [ -z "$$(find $(CSRC) setup.py -newer $@ 2>/dev/null)" ]; \
+		then echo "prefcore._C is up to date"; else $(PY) setup.py -q build_ext --inplace; fi
 	touch $@
 
 build: $(EXT_STAMP)

@@ -30,6 +30,8 @@ BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
 PS_BEGIN, PS_END = "<!-- policy-step:begin -->", "<!-- policy-step:end -->"
 # prefcore serve-rm under load (bench/serve_rm.py).
 SR_BEGIN, SR_END = "<!-- serve-rm:begin -->", "<!-- serve-rm:end -->"
+# one reward-model fine-tuning step, prefcore vs TRL's RewardTrainer (bench/rm_step.py).
+RS_BEGIN, RS_END = "<!-- rm-step:begin -->", "<!-- rm-step:end -->"
 README = os.path.join(ROOT, "README.md")
 NO_RESULTS = ("*No headline (ordinary-process) results are recorded in `bench/results/` yet: run `python -m bench`, "
               "then `python tools/bench_table.py --readme`.*")
@@ -60,6 +62,26 @@ def render_policy_step(path: str) -> str:
             f"cores), {res['threads']} torch threads, torch {m['torch']}, transformers {m['transformers']}, "
             f"trl {m['trl']}; load average before {res['load_avg_before'][0]:.2f}, after "
             f"{res['load_avg_after'][0]:.2f}; `{res['command']}`.")
+    return head + "\n\n" + markdown(res)
+
+
+def rm_step_files() -> list[str]:
+    return sorted(glob.glob(os.path.join(ROOT, "bench", "results", "rm-step-*.json")))
+
+
+def render_rm_step(path: str) -> str:
+    """The table ``bench.rm_step`` prints, under a line naming the file, machine and load."""
+    from bench.rm_step import markdown
+
+    with open(path) as f:
+        res = json.load(f)
+    m, c = res["machine"], res["config"]
+    head = (f"`{os.path.relpath(path, ROOT)}`: {res['datetime_utc']}, {m['cpu']} ({m['logical_cores']} logical cores), "
+            f"{res['threads']} torch threads, torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}; "
+            f"load average before {res['load_avg_before'][0]:.2f}, after {res['load_avg_after'][0]:.2f}; random Llama "
+            f"(hidden {c['hidden_size']}, {c['num_layers']} layers, V = {c['vocab']}), {c['pairs_per_step']} pairs per "
+            f"step, {res['steps_measured']} measured steps after one warm-up step, one fresh process per row; "
+            f"`{res['command']}`.")
     return head + "\n\n" + markdown(res)
 
 
@@ -158,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     if PS_BEGIN in new and PS_END in new:
         ps = "\n\n".join(render_policy_step(p) for p in policy_step_files()) or "*No policy-step results recorded.*"
         new = _replace_block(new, PS_BEGIN, PS_END, ps)
+    if RS_BEGIN in new and RS_END in new:
+        rs = "\n\n".join(render_rm_step(p) for p in rm_step_files()) or "*No rm-step results recorded.*"
+        new = _replace_block(new, RS_BEGIN, RS_END, rs)
     if SR_BEGIN in new and SR_END in new:
         sr = "\n\n".join(render_serve_rm(p) for p in serve_rm_files()) or "*No serve-rm results recorded.*"
         new = _replace_block(new, SR_BEGIN, SR_END, sr)
