@@ -111,13 +111,49 @@ def test_a_moved_run_scores_on_its_own_like_the_saved_weights(world, tmp_path):
     assert scored.reward.shape == (1,) and float(scored.reward[0]) == pytest.approx(float(got_c[0]), abs=1e-5)
 
 
+@pytest.mark.parametrize("method", ["gmm", "mean-var"])
+def test_ratings_methods_finetune_and_score_from_the_moved_run(world, tmp_path, method):
+    from prefcore.train.rm.scoring import RunScorer
+
+    run = tmp_path / method
+    assert main(["train-rm", "--method", method, "--finetune", "full", "--data", str(world.ratings), "--backbone",
+                 str(world.backbone), "--out", str(run), "--max_length", "48", "--max_steps", "30",
+                 "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--head_learning_rate", "1e-2",
+                 "--trunk_layers", "0", "--log_every", "1", "--progress", "false"]) == 0
+    losses = [m["loss"] for m in metrics(run)]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses  # the NLL falls
+    report = json.loads((run / "report.json").read_text())
+    assert report["finetune"] == "full" and report["num_eval_items"] == 8
+    moved = tmp_path / "moved"
+    shutil.move(str(run), str(moved))
+    recs = world.records[:4]
+    dist = RunScorer.load(str(moved)).reward_distribution([r["prompt"] for r in recs], [r["response"] for r in recs])
+    assert dist.mean().shape == (4,) and bool(torch.isfinite(dist.mean()).all())
+    # the scorer's text tokenisation equals the trainer's rows: same features, same distribution
+    from prefcore.train.rm.finetune import LiveFeatures, tokenize_texts
+    from prefcore.train.rm.sources import load_text_encoder
+    from prefcore.train.rm.trainer import load_heads
+
+    backbone, tok = load_text_encoder(str(moved / "backbone"))
+    heads, _ = load_heads(str(moved))
+    from prefcore.data import load_ratings
+
+    rows, kept, _ = tokenize_texts(tok, list(load_ratings(str(world.ratings)).records)[:4], 48, "truncate")
+    feats = LiveFeatures(backbone, rows, backbone.config.hidden_size, False).all()
+    key = "gmm" if method == "gmm" else "meanvar"
+    with torch.no_grad():
+        out = heads[key](heads["trunk"](feats))
+    want_mean = out.mu.mul(out.logits.softmax(-1)).sum(-1) if method == "gmm" else out[0]
+    torch.testing.assert_close(dist.mean(), want_mean, rtol=1e-4, atol=1e-5)
+
+
 def test_bt_margin_finetunes_with_vote_margins(world, tmp_path):
     assert finetune(world, tmp_path / "m", "full", "--max_steps", "3", method="bt-margin") == 0
     assert len(metrics(tmp_path / "m")) == 3
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--method", "qrm"], "--finetune full trains bt and bt-margin today"),
+    (["--method", "qrm"], "--finetune full trains bt, bt-margin, gmm, mean-var today"),
     (["--backbone", None], "pass --backbone"),
     (["--max_length", "1"], "max_length must leave room"),
     (["--finetune", "lora", "--lora_target_modules", "no_such_proj"], "lora_target_modules='no_such_proj'"),

@@ -176,10 +176,7 @@ def finetune_reward_model(cfg) -> dict:
     (module docstring); returns the held-out report (also ``OUT/report.json``)."""
     from prefcore.data.batching import LengthGroupedBatchSampler, pair_length
     from prefcore.models.packing import resolve_packing
-    from prefcore.train.rm.methods import build_heads
-    from prefcore.train.rm.rmdir import save_backbone_dir, write_reward_stats
     from prefcore.train.rm.sources import _kind, _load, load_text_encoder
-    from prefcore.train.rm.trainer import _saved_config, save_heads
 
     if cfg.resume:
         raise ValueError("--resume is not supported for --finetune runs yet (start the run again)")
@@ -188,10 +185,15 @@ def finetune_reward_model(cfg) -> dict:
     if not os.path.isfile(cfg.data):
         raise FileNotFoundError(f"data must be an existing JSONL/Parquet pairs file, got {cfg.data!r}")
     kind = _kind(cfg.data, cfg.data_format, cfg.attributes)
-    if kind != "pairs":
+    pairwise = cfg.method in ("bt", "bt-margin")
+    if pairwise and kind != "pairs":
         raise ValueError(f"method {cfg.method!r} trains on pairs, but {cfg.data!r} holds {kind}")
+    if not pairwise and kind == "pairs":
+        raise ValueError(f"method {cfg.method!r} trains on ratings, but {cfg.data!r} holds pairs")
     ds = _load(cfg.data, cfg.data_format, kind, cfg)
     backbone, tokenizer = load_text_encoder(cfg.backbone)
+    if not pairwise:
+        return _finetune_ratings(cfg, ds, kind, backbone, tokenizer)
     records = list(ds.records)
     pairs, kept, counts = tokenize_pairs(tokenizer, records, cfg.max_length, cfg.too_long, cfg.method)
 
@@ -203,91 +205,31 @@ def finetune_reward_model(cfg) -> dict:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     test_idx, train_idx = perm[:n_test], perm[n_test:]
 
-    torch.manual_seed(cfg.seed)
-    backbone.train()
-    if cfg.disable_dropout:
-        _disable_dropout(backbone)
-    if cfg.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable()
-    base_backbone = backbone
-    if cfg.finetune == "lora":
-        if cfg.gradient_checkpointing:
-            base_backbone.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-        backbone = _apply_lora(backbone, cfg)
-    hidden = int(base_backbone.config.hidden_size)
-    hc = {"method": cfg.method, "trunk_layers": int(cfg.trunk_layers), "trunk_width": int(cfg.trunk_width),
-          "in_features": hidden}
-    heads = build_heads(hc)
+    backbone, hc, heads = prepare_model(cfg, backbone)
     choice = resolve_packing(cfg.packing, backbone)
 
-    micro = cfg.per_device_train_batch_size
-    step_pairs = micro * cfg.gradient_accumulation_steps
+    step_pairs = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     lengths = [pair_length(pairs.prompt[i], pairs.chosen[i], pairs.rejected[i], choice.mode) for i in train_idx]
     sampler = LengthGroupedBatchSampler(lengths, step_pairs, shuffle=True, seed=cfg.seed)
-    steps_per_epoch = len(sampler)
-    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
-    warmup = int(cfg.warmup_ratio * total)
-    groups = [{"params": [p for p in backbone.parameters() if p.requires_grad], "lr": cfg.learning_rate},
-              {"params": list(heads.parameters()), "lr": cfg.head_learning_rate}]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.lr_scheduler_type, warmup, total))
+    total = total_steps(cfg, len(sampler))
 
-    out = cfg.out
-    os.makedirs(out, exist_ok=True)
-    for stale in ("checkpoint.pt", METRICS, "report.json"):
-        if os.path.exists(os.path.join(out, stale)):
-            os.remove(os.path.join(out, stale))
-    atomic_write_json(os.path.join(out, "config.json"), _saved_config(cfg))
-    log = MetricsLog(os.path.join(out, METRICS))
+    log = start_run_dir(cfg)
     trunc = counts["truncation"]
     print(f"prefcore train-rm [{cfg.method}, finetune {cfg.finetune}]: {len(records)} pairs, {n - n_test} train / "
           f"{n_test} held out; {choice.reason}; {trunc}; pairs whose split tokenization differs from the "
           f"whole text: {counts['split_tokenization_mismatch']}; {total} steps of {step_pairs} pairs", flush=True)
 
     margin = pairs.margin
-    step, epoch = 0, 0
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=f"train-rm {cfg.method} ({cfg.finetune})", leave=False)
-    while step < total:
-        sampler.set_epoch(epoch)
-        for batch in sampler:
-            if step >= total:
-                break
-            t0 = time.perf_counter()
-            ids = [train_idx[j] for j in batch]
-            opt.zero_grad(set_to_none=True)
-            loss_sum, correct = 0.0, 0
-            for k in range(0, len(ids), micro):
-                part = ids[k:k + micro]
-                r_c, r_r = pair_rewards(backbone, heads, pairs, part, choice.mode, cfg.bf16)
-                m = margin[part] if (cfg.method == "bt-margin" and margin is not None) else 0.0
-                per_pair = -torch.nn.functional.logsigmoid(r_c - r_r - m)
-                if cfg.center_rewards_coefficient:
-                    per_pair = per_pair + cfg.center_rewards_coefficient * 0.5 * (r_c ** 2 + r_r ** 2)
-                (per_pair.sum() / len(ids)).backward()
-                loss_sum += float(per_pair.detach().sum())
-                correct += int((r_c > r_r).sum())
-            params = [p for g in groups for p in g["params"]]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
-                                                              else float("inf")))
-            opt.step()
-            sched.step()
-            step += 1
-            if AFTER_STEP is not None:
-                AFTER_STEP(step)
-            if step % cfg.log_every == 0 or step == total:
-                log.write({"stage": "finetune", "step": step, "loss": loss_sum / len(ids),
-                            "accuracy": correct / len(ids), "grad_norm": grad_norm,
-                            "lr": opt.param_groups[0]["lr"], "head_lr": opt.param_groups[1]["lr"],
-                            "step_time": time.perf_counter() - t0})
-            if bar is not None:
-                bar.update(1)
-        epoch += 1
-    if bar is not None:
-        bar.close()
+    def micro_loss(part: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        r_c, r_r = pair_rewards(backbone, heads, pairs, part, choice.mode, cfg.bf16)
+        m = margin[part] if (cfg.method == "bt-margin" and margin is not None) else 0.0
+        per_pair = -torch.nn.functional.logsigmoid(r_c - r_r - m)
+        if cfg.center_rewards_coefficient:
+            per_pair = per_pair + cfg.center_rewards_coefficient * 0.5 * (r_c ** 2 + r_r ** 2)
+        return per_pair.mean(), {"accuracy": float((r_c > r_r).float().mean())}
+
+    optimize(cfg, backbone, heads, train_idx, lengths, micro_loss, log, total)
 
     backbone.eval()
     heads.eval()
@@ -295,7 +237,50 @@ def finetune_reward_model(cfg) -> dict:
               **_evaluate(backbone, heads, pairs, test_idx, choice.mode)}
     train_rewards = _rewards(backbone, heads, pairs, train_idx, choice.mode)
 
-    # the self-contained run directory (module docstring)
+    finish_run_dir(cfg, backbone, tokenizer, heads, hc, report, train_rewards)
+    return report
+
+def prepare_model(cfg, backbone: nn.Module) -> tuple[nn.Module, dict, nn.ModuleDict]:
+    """Train mode, dropout off, checkpointing, LoRA; the method's heads on the hidden size:
+    ``(backbone to train, head config, heads)``."""
+    from prefcore.train.rm.methods import build_heads
+
+    torch.manual_seed(cfg.seed)
+    backbone.train()
+    if cfg.disable_dropout:
+        _disable_dropout(backbone)
+    if cfg.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable()
+    hidden = int(backbone.config.hidden_size)
+    if cfg.finetune == "lora":
+        if cfg.gradient_checkpointing:
+            backbone.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        backbone = _apply_lora(backbone, cfg)
+    hc = {"method": cfg.method, "trunk_layers": int(cfg.trunk_layers), "trunk_width": int(cfg.trunk_width),
+          "in_features": hidden}
+    if cfg.method == "gmm":
+        hc["k"] = int(cfg.k)
+    return backbone, hc, build_heads(hc)
+
+
+def start_run_dir(cfg) -> MetricsLog:
+    from prefcore.train.rm.trainer import _saved_config
+
+    os.makedirs(cfg.out, exist_ok=True)
+    for stale in ("checkpoint.pt", METRICS, "report.json"):
+        if os.path.exists(os.path.join(cfg.out, stale)):
+            os.remove(os.path.join(cfg.out, stale))
+    atomic_write_json(os.path.join(cfg.out, "config.json"), _saved_config(cfg))
+    return MetricsLog(os.path.join(cfg.out, METRICS))
+
+
+def finish_run_dir(cfg, backbone: nn.Module, tokenizer, heads: nn.ModuleDict, hc: dict, report: dict,
+                   train_rewards: torch.Tensor) -> None:
+    """The self-contained run directory (module docstring), each file written atomically."""
+    from prefcore.train.rm.rmdir import save_backbone_dir, write_reward_stats
+    from prefcore.train.rm.trainer import save_heads
+
+    out = cfg.out
     if cfg.finetune == "lora":
         backbone.save_pretrained(os.path.join(out, "adapter"))
         merged = backbone.merge_and_unload()
@@ -309,7 +294,181 @@ def finetune_reward_model(cfg) -> dict:
     atomic_write_json(os.path.join(out, "report.json"), report)
     print(f"prefcore train-rm [{cfg.method}, finetune {cfg.finetune}] → {out}\n"
           + "\n".join(f"{k:<20}  {v:.4f}" if isinstance(v, float) else f"{k:<20}  {v}" for k, v in report.items()))
+
+
+class LiveFeatures:
+    """``features[idx]`` → the pooled backbone features ``(len(idx), H)`` float32 of the texts
+    ``idx``, computed now (with gradients when enabled): lets the frozen path's losses
+    (:func:`prefcore.train.rm.methods.stages`) train the backbone too."""
+
+    def __init__(self, backbone: nn.Module, rows: list[list[int]], hidden: int, bf16: bool):
+        self.backbone, self.rows, self.bf16 = backbone, rows, bf16
+        self.shape = (len(rows), hidden)
+
+    def dim(self) -> int:
+        return 2
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        from prefcore.data.batching import pad_rows
+        from prefcore.models.packing import transformers_base
+        from prefcore.models.pooling import pooled_features
+
+        idx = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
+        device = next(self.backbone.parameters()).device
+        ids, mask = pad_rows([self.rows[i] for i in idx], 0)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            f = pooled_features(transformers_base(self.backbone), ids.to(device), mask.to(device).bool(), "last")
+        return f.float()
+
+    @torch.no_grad()
+    def all(self, batch: int = 16) -> torch.Tensor:
+        return torch.cat([self[list(range(k, min(k + batch, self.shape[0])))] for k in range(0, self.shape[0], batch)])
+
+
+def tokenize_texts(tokenizer, records: Sequence, max_length: int, too_long: str) -> tuple[list[list[int]], list[int], str]:
+    """``(rows, kept record indices, log line)``: ``prefix + prompt + "\n\n" + response`` per rated
+    record, over-long ones truncated (prompt from the left, prefix kept) or dropped."""
+    from prefcore.data.batching import TruncationStats, truncate_example
+
+    prefix = _prefix_ids(tokenizer)
+    budget = max_length - len(prefix)
+    if budget < 1:
+        raise ValueError(f"max_length must leave room for the tokenizer's {len(prefix)} prefix token(s) and a "
+                         f"response token, got {max_length}")
+    enc = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    stats, rows, kept = TruncationStats(), [], []
+    for i, rec in enumerate(records):
+        r = enc(rec.response)
+        if not r:
+            raise ValueError(f"data row {i}: the response tokenizes to zero tokens (nothing to pool)")
+        cut = truncate_example(enc(f"{rec.prompt}\n\n"), r, budget, too_long=too_long, stats=stats)
+        if cut is None:
+            continue
+        rows.append(prefix + list(cut))
+        kept.append(i)
+    if not rows:
+        raise ValueError(f"--too_long {too_long}: every text is longer than max_length={max_length}; raise "
+                         "--max_length or use --too_long truncate")
+    return rows, kept, stats.message(max_length, too_long)
+
+
+def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer) -> dict:
+    """gmm and mean-var: the frozen path's losses (fused ``gmm_nll``; the Gaussian NLL) on live
+    features of the backbone being trained; evaluation as the frozen path's, on the fine-tuned
+    model's held-out features."""
+    from prefcore.train.rm.data import RatingsData, RMData, held_out_count
+    from prefcore.train.rm.methods import evaluate, stages
+    from prefcore.train.rm.sources import ratings_tensors
+    from prefcore.train.rm.trainer import training_rewards
+
+    if kind == "attributes" and len(ds.attributes) != 1:
+        raise ValueError(f"method {cfg.method!r} models one score distribution per item, but {cfg.data!r} has "
+                         f"{len(ds.attributes)} attributes {tuple(ds.attributes)}: pass one with --attributes")
+    records = list(ds.records)
+    rows, kept, trunc = tokenize_texts(tokenizer, records, cfg.max_length, cfg.too_long)
+    scores, mask, names = ratings_tensors(ds, kind)
+    keep = torch.tensor(kept)
+    scores, mask = scores[keep], mask[keep]
+    n = len(rows)
+    n_test = held_out_count(n, cfg.eval_fraction, "ratings", source=cfg.data)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    test_idx, train_idx = perm[:n_test], perm[n_test:]
+
+    backbone, hc, heads = prepare_model(cfg, backbone)
+    hidden = hc["in_features"]
+    live = LiveFeatures(backbone, rows, hidden, cfg.bf16)
+    train = RatingsData(live, scores, mask, names)  # the stage losses index features[idx] by item
+    stage = stages(cfg.method, heads, RMData(ratings=train), cfg)[0]
+    batch_loss = stage.batch_loss
+    lengths = [len(rows[i]) for i in train_idx]
+    from prefcore.data.batching import LengthGroupedBatchSampler
+
+    steps_per_epoch = len(LengthGroupedBatchSampler(lengths, cfg.per_device_train_batch_size
+                                                    * cfg.gradient_accumulation_steps, seed=cfg.seed))
+    total = total_steps(cfg, steps_per_epoch)
+    log = start_run_dir(cfg)
+    print(f"prefcore train-rm [{cfg.method}, finetune {cfg.finetune}]: {len(records)} rated texts, {n - n_test} train / "
+          f"{n_test} held out; {trunc}; {total} steps of {cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps} "
+          "texts", flush=True)
+
+    def micro_loss(part: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = batch_loss(torch.tensor(part))
+        return loss, metrics
+
+    optimize(cfg, backbone, heads, train_idx, lengths, micro_loss, log, total)
+    backbone.eval()
+    heads.eval()
+    feats = live.all()
+    split = lambda idx: RatingsData(feats[idx], scores[idx], mask[idx], names)  # noqa: E731
+    with torch.no_grad():
+        report = {"method": cfg.method, "finetune": cfg.finetune,
+                  **evaluate(cfg.method, heads, RMData(ratings=split(torch.tensor(test_idx))), cfg)}
+        rewards = training_rewards(heads, hc, RMData(ratings=split(torch.tensor(train_idx))))
+    finish_run_dir(cfg, backbone, tokenizer, heads, hc, report, rewards)
     return report
+
+
+def total_steps(cfg, steps_per_epoch: int) -> int:
+    return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+
+
+def optimize(cfg, backbone: nn.Module, heads: nn.Module, train_idx: Sequence[int], lengths: Sequence[int],
+             micro_loss: Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]], log: MetricsLog,
+             total: int) -> None:
+    """The optimisation loop shared by every method: ``total`` AdamW steps (two parameter groups,
+    warm-up + decay), each over ``per_device_train_batch_size × gradient_accumulation_steps`` rows
+    of ``train_idx`` from a length-grouped sampler (``lengths[j]`` pads row ``train_idx[j]``);
+    ``micro_loss(rows)`` is the mean loss of one micro-batch and its metrics; the step's loss is
+    the mean over its rows. Logs every ``log_every`` steps; calls :data:`AFTER_STEP`."""
+    from prefcore.data.batching import LengthGroupedBatchSampler
+
+    micro = cfg.per_device_train_batch_size
+    sampler = LengthGroupedBatchSampler(lengths, micro * cfg.gradient_accumulation_steps, shuffle=True, seed=cfg.seed)
+    warmup = int(cfg.warmup_ratio * total)
+    groups = [{"params": [p for p in backbone.parameters() if p.requires_grad], "lr": cfg.learning_rate},
+              {"params": list(heads.parameters()), "lr": cfg.head_learning_rate}]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.lr_scheduler_type, warmup, total))
+    params = [p for g in groups for p in g["params"]]
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"train-rm {cfg.method} ({cfg.finetune})", leave=False)
+    step, epoch = 0, 0
+    while step < total:
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            if step >= total:
+                break
+            t0 = time.perf_counter()
+            ids = [train_idx[j] for j in batch]
+            opt.zero_grad(set_to_none=True)
+            loss_sum, sums = 0.0, {}
+            for k in range(0, len(ids), micro):
+                part = ids[k:k + micro]
+                loss, metrics = micro_loss(part)
+                w = len(part) / len(ids)
+                (loss * w).backward()
+                loss_sum += float(loss.detach()) * w
+                for key, v in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + v * w
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+            opt.step()
+            sched.step()
+            step += 1
+            if AFTER_STEP is not None:
+                AFTER_STEP(step)
+            if step % cfg.log_every == 0 or step == total:
+                log.write({"stage": "finetune", "step": step, "loss": loss_sum, **sums, "grad_norm": grad_norm,
+                           "lr": opt.param_groups[0]["lr"], "head_lr": opt.param_groups[1]["lr"],
+                           "step_time": time.perf_counter() - t0})
+            if bar is not None:
+                bar.update(1)
+        epoch += 1
+    if bar is not None:
+        bar.close()
 
 
 @torch.no_grad()

@@ -130,15 +130,17 @@ def _load(path: str, fmt: str, kind: str, cfg):
     return ds
 
 
-def _ratings(ds, kind: str, embed: TextEmbedder, with_prompts: bool) -> RatingsData:
+def ratings_tensors(ds, kind: str) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """``(scores (N, M, S), mask (N, M, S) bool, attribute names)`` of a ratings or attributes set."""
     if kind == "attributes":
-        names = tuple(ds.attributes)
         scores = ds.attributes_tensor().unsqueeze(-1)  # (B, M, 1): one score per attribute
-        mask = torch.ones_like(scores, dtype=torch.bool)
-    else:
-        names = ("score",)
-        s, m = ds.scores_tensor()
-        scores, mask = s.unsqueeze(1), m.unsqueeze(1)
+        return scores, torch.ones_like(scores, dtype=torch.bool), tuple(ds.attributes)
+    s, m = ds.scores_tensor()
+    return s.unsqueeze(1), m.unsqueeze(1), ("score",)
+
+
+def _ratings(ds, kind: str, embed: TextEmbedder, with_prompts: bool) -> RatingsData:
+    scores, mask, names = ratings_tensors(ds, kind)
     recs = ds.records
     feats = embed("ratings-responses", [response_text(r.prompt, r.response) for r in recs])
     prompts = embed("ratings-prompts", [r.prompt for r in recs]) if with_prompts else None

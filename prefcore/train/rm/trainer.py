@@ -36,7 +36,7 @@ from prefcore.models.packing import PACKING
 
 METHODS = ("bt", "bt-margin", "qrm", "gmm", "mean-var")
 FINETUNE = ("none", "lora", "full")
-FINETUNE_METHODS = ("bt", "bt-margin")  # the methods --finetune lora|full trains today
+FINETUNE_METHODS = ("bt", "bt-margin", "gmm", "mean-var")  # the methods --finetune lora|full trains today
 SCHEDULERS = ("linear", "cosine", "constant")
 GMM_TARGETS = ("scores", "em", "histogram")
 
@@ -168,11 +168,11 @@ def check_finetune_settings(cfg: TrainRMConfig) -> None:
     if cfg.finetune == "none":
         return
     if cfg.method not in FINETUNE_METHODS:
-        raise ValueError(f"--finetune {cfg.finetune} trains {' and '.join(FINETUNE_METHODS)} today; method "
+        raise ValueError(f"--finetune {cfg.finetune} trains {', '.join(FINETUNE_METHODS)} today; method "
                          f"{cfg.method!r} trains its heads on frozen features (--finetune none)")
     if cfg.data == "synthetic" or cfg.backbone is None:
         raise ValueError(f"--finetune {cfg.finetune} trains a backbone on text: pass --backbone (a local transformers "
-                         "model) and --data (a JSONL/Parquet pairs file)")
+                         "model) and --data (a JSONL/Parquet file of pairs or ratings)")
     for name, low in (("per_device_train_batch_size", 1), ("gradient_accumulation_steps", 1), ("lora_r", 1),
                       ("lora_alpha", 1)):
         v = getattr(cfg, name)
