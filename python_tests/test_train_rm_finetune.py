@@ -138,7 +138,8 @@ def test_ratings_methods_finetune_and_score_from_the_moved_run(world, tmp_path, 
     heads, _ = load_heads(str(moved))
     from prefcore.data import load_ratings
 
-    rows, kept, _ = tokenize_texts(tok, list(load_ratings(str(world.ratings)).records)[:4], 48, "truncate")
+    recs4 = list(load_ratings(str(world.ratings)).records)[:4]
+    rows, kept, _ = tokenize_texts(tok, [(r.prompt, r.response) for r in recs4], 48, "truncate")
     feats = LiveFeatures(backbone, rows, backbone.config.hidden_size, False).all()
     key = "gmm" if method == "gmm" else "meanvar"
     with torch.no_grad():
@@ -147,13 +148,33 @@ def test_ratings_methods_finetune_and_score_from_the_moved_run(world, tmp_path, 
     torch.testing.assert_close(dist.mean(), want_mean, rtol=1e-4, atol=1e-5)
 
 
+def test_qrm_finetunes_the_quantiles_then_gates_on_the_finetuned_features(world, tmp_path):
+    from prefcore.train.rm.scoring import RunScorer
+
+    run = tmp_path / "qrm"
+    assert main(["train-rm", "--method", "qrm", "--finetune", "lora", "--data", str(world.ratings), "--pairs",
+                 str(world.pairs), "--backbone", str(world.backbone), "--out", str(run), "--max_length", "48",
+                 "--max_steps", "30", "--gate_steps", "20", "--per_device_train_batch_size", "8",
+                 "--learning_rate", "1e-3", "--head_learning_rate", "1e-2", "--trunk_layers", "0", "--log_every", "1",
+                 "--progress", "false"]) == 0
+    recs = metrics(run)
+    pinball = [m["loss"] for m in recs if m["stage"] == "finetune"]
+    assert len(pinball) == 30 and sum(pinball[-5:]) / 5 < sum(pinball[:5]) / 5, pinball
+    assert any(m["stage"] == "gating" for m in recs)
+    report = json.loads((run / "report.json").read_text())
+    assert 0.0 <= report["coverage_max_abs_error"] <= 1.0 and "gated_mean_reward" in report
+    r = world.records[0]
+    dist = RunScorer.load(str(run)).reward_distribution([r["prompt"]], [r["response"]])
+    assert dist.values.shape == (1, 19) and bool(torch.isfinite(dist.values).all())
+
+
 def test_bt_margin_finetunes_with_vote_margins(world, tmp_path):
     assert finetune(world, tmp_path / "m", "full", "--max_steps", "3", method="bt-margin") == 0
     assert len(metrics(tmp_path / "m")) == 3
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--method", "qrm"], "--finetune full trains bt, bt-margin, gmm, mean-var today"),
+    (["--method", "qrm"], "method 'qrm' needs --pairs"),
     (["--backbone", None], "pass --backbone"),
     (["--max_length", "1"], "max_length must leave room"),
     (["--finetune", "lora", "--lora_target_modules", "no_such_proj"], "lora_target_modules='no_such_proj'"),

@@ -240,7 +240,7 @@ def finetune_reward_model(cfg) -> dict:
     finish_run_dir(cfg, backbone, tokenizer, heads, hc, report, train_rewards)
     return report
 
-def prepare_model(cfg, backbone: nn.Module) -> tuple[nn.Module, dict, nn.ModuleDict]:
+def prepare_model(cfg, backbone: nn.Module, extra: dict | None = None) -> tuple[nn.Module, dict, nn.ModuleDict]:
     """Train mode, dropout off, checkpointing, LoRA; the method's heads on the hidden size:
     ``(backbone to train, head config, heads)``."""
     from prefcore.train.rm.methods import build_heads
@@ -260,6 +260,7 @@ def prepare_model(cfg, backbone: nn.Module) -> tuple[nn.Module, dict, nn.ModuleD
           "in_features": hidden}
     if cfg.method == "gmm":
         hc["k"] = int(cfg.k)
+    hc.update(extra or {})
     return backbone, hc, build_heads(hc)
 
 
@@ -325,9 +326,10 @@ class LiveFeatures:
         return torch.cat([self[list(range(k, min(k + batch, self.shape[0])))] for k in range(0, self.shape[0], batch)])
 
 
-def tokenize_texts(tokenizer, records: Sequence, max_length: int, too_long: str) -> tuple[list[list[int]], list[int], str]:
-    """``(rows, kept record indices, log line)``: ``prefix + prompt + "\n\n" + response`` per rated
-    record, over-long ones truncated (prompt from the left, prefix kept) or dropped."""
+def tokenize_texts(tokenizer, texts: Sequence[tuple[str, str]], max_length: int,
+                   too_long: str) -> tuple[list[list[int]], list[int], str]:
+    """``(rows, kept indices, log line)``: ``prefix + prompt + "\n\n" + response`` per
+    ``(prompt, response)``, over-long ones truncated (prompt from the left, prefix kept) or dropped."""
     from prefcore.data.batching import TruncationStats, truncate_example
 
     prefix = _prefix_ids(tokenizer)
@@ -337,11 +339,11 @@ def tokenize_texts(tokenizer, records: Sequence, max_length: int, too_long: str)
                          f"response token, got {max_length}")
     enc = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     stats, rows, kept = TruncationStats(), [], []
-    for i, rec in enumerate(records):
-        r = enc(rec.response)
+    for i, (prompt, response) in enumerate(texts):
+        r = enc(response)
         if not r:
             raise ValueError(f"data row {i}: the response tokenizes to zero tokens (nothing to pool)")
-        cut = truncate_example(enc(f"{rec.prompt}\n\n"), r, budget, too_long=too_long, stats=stats)
+        cut = truncate_example(enc(f"{prompt}\n\n"), r, budget, too_long=too_long, stats=stats)
         if cut is None:
             continue
         rows.append(prefix + list(cut))
@@ -357,7 +359,7 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer) -> dic
     features of the backbone being trained; evaluation as the frozen path's, on the fine-tuned
     model's held-out features."""
     from prefcore.train.rm.data import RatingsData, RMData, held_out_count
-    from prefcore.train.rm.methods import evaluate, stages
+    from prefcore.train.rm.methods import evaluate, gating_stage, quantile_stage, stages
     from prefcore.train.rm.sources import ratings_tensors
     from prefcore.train.rm.trainer import training_rewards
 
@@ -365,7 +367,8 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer) -> dic
         raise ValueError(f"method {cfg.method!r} models one score distribution per item, but {cfg.data!r} has "
                          f"{len(ds.attributes)} attributes {tuple(ds.attributes)}: pass one with --attributes")
     records = list(ds.records)
-    rows, kept, trunc = tokenize_texts(tokenizer, records, cfg.max_length, cfg.too_long)
+    rows, kept, trunc = tokenize_texts(tokenizer, [(r.prompt, r.response) for r in records], cfg.max_length,
+                                       cfg.too_long)
     scores, mask, names = ratings_tensors(ds, kind)
     keep = torch.tensor(kept)
     scores, mask = scores[keep], mask[keep]
@@ -374,11 +377,15 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer) -> dic
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     test_idx, train_idx = perm[:n_test], perm[n_test:]
 
-    backbone, hc, heads = prepare_model(cfg, backbone)
-    hidden = hc["in_features"]
+    qrm = cfg.method == "qrm"
+    pairs_ds = _qrm_pairs(cfg) if qrm else None
+    hidden = int(backbone.config.hidden_size)
+    extra = {"num_attributes": len(names), "prompt_features": hidden, "non_crossing": bool(cfg.non_crossing),
+             "attribute_names": list(names)} if qrm else None
+    backbone, hc, heads = prepare_model(cfg, backbone, extra)
     live = LiveFeatures(backbone, rows, hidden, cfg.bf16)
     train = RatingsData(live, scores, mask, names)  # the stage losses index features[idx] by item
-    stage = stages(cfg.method, heads, RMData(ratings=train), cfg)[0]
+    stage = quantile_stage(heads, train, 0) if qrm else stages(cfg.method, heads, RMData(ratings=train), cfg)[0]
     batch_loss = stage.batch_loss
     lengths = [len(rows[i]) for i in train_idx]
     from prefcore.data.batching import LengthGroupedBatchSampler
@@ -399,13 +406,68 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer) -> dic
     backbone.eval()
     heads.eval()
     feats = live.all()
-    split = lambda idx: RatingsData(feats[idx], scores[idx], mask[idx], names)  # noqa: E731
+    prompt_feats = LiveFeatures(backbone, prompt_rows(tokenizer, [r.prompt for r in records], cfg.max_length, kept),
+                                hidden, False).all() if qrm else None
+    split = lambda idx: RatingsData(feats[idx], scores[idx], mask[idx], names,  # noqa: E731
+                                    prompt_features=None if prompt_feats is None else prompt_feats[idx])
+    pairs_train = pairs_test = None
+    if qrm:
+        # stage 2 as on the frozen path: the gate on the fine-tuned model's (now fixed) features
+        pairs_train, pairs_test = _pair_features(cfg, pairs_ds, backbone, tokenizer, hidden)
+        from prefcore.train.loop import run_stage
+
+        gate = gating_stage(heads, pairs_train, cfg.gate_steps)
+        run_stage(gate.name, 1, heads, gate.params, gate.batch_loss, gate.n_items, cfg.loop_config(gate.steps),
+                  cfg.out, done_stages=["quantile"], progress=cfg.progress)
+        heads.eval()
     with torch.no_grad():
-        report = {"method": cfg.method, "finetune": cfg.finetune,
-                  **evaluate(cfg.method, heads, RMData(ratings=split(torch.tensor(test_idx))), cfg)}
-        rewards = training_rewards(heads, hc, RMData(ratings=split(torch.tensor(train_idx))))
+        test = RMData(ratings=split(torch.tensor(test_idx)), pairs=pairs_test)
+        report = {"method": cfg.method, "finetune": cfg.finetune, **evaluate(cfg.method, heads, test, cfg)}
+        rewards = training_rewards(heads, hc, RMData(ratings=split(torch.tensor(train_idx)), pairs=pairs_train))
     finish_run_dir(cfg, backbone, tokenizer, heads, hc, report, rewards)
     return report
+
+
+def prompt_rows(tokenizer, prompts: Sequence[str], max_length: int, kept: Sequence[int] | None = None) -> list[list[int]]:
+    """``prefix + prompt`` token ids (the end kept within ``max_length``), as the scorer embeds a
+    prompt for the qrm gate; ``kept`` selects records."""
+    prefix = _prefix_ids(tokenizer)
+    budget = max(1, max_length - len(prefix))
+    idx = range(len(prompts)) if kept is None else kept
+    rows = []
+    for i in idx:
+        ids = list(tokenizer(prompts[i], add_special_tokens=False)["input_ids"])[-budget:]
+        rows.append(prefix + ids)
+    return rows
+
+
+def _qrm_pairs(cfg):
+    """The ``--pairs`` file of a qrm run (its gating stage), loaded and checked before training."""
+    from prefcore.train.rm.sources import PAIR_FORMATS, _load
+
+    if not os.path.isfile(cfg.pairs):
+        raise FileNotFoundError(f"pairs must be an existing JSONL/Parquet file, got {cfg.pairs!r}")
+    if cfg.pairs_format not in PAIR_FORMATS:
+        raise ValueError(f"pairs_format must be one of {PAIR_FORMATS}, got {cfg.pairs_format!r}")
+    return _load(cfg.pairs, cfg.pairs_format, "pairs", cfg)
+
+
+@torch.no_grad()
+def _pair_features(cfg, pairs_ds, backbone: nn.Module, tokenizer, hidden: int):
+    """``(train, held-out)`` :class:`PairsData` of the gating pairs: the fine-tuned model's
+    features of ``prompt + chosen``, ``prompt + rejected`` and the prompt."""
+    from prefcore.train.rm.data import PairsData, held_out_count
+
+    recs = list(pairs_ds.records)
+    rows_c, _, _ = tokenize_texts(tokenizer, [(r.prompt, r.chosen) for r in recs], cfg.max_length, "truncate")
+    rows_r, _, _ = tokenize_texts(tokenizer, [(r.prompt, r.rejected) for r in recs], cfg.max_length, "truncate")
+    feats = [LiveFeatures(backbone, rows, hidden, False).all() for rows in
+             (rows_c, rows_r, prompt_rows(tokenizer, [r.prompt for r in recs], cfg.max_length))]
+    data = PairsData(*feats)
+    n = len(data)
+    n_test = held_out_count(n, cfg.eval_fraction, "pairs", source=cfg.pairs)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919))
+    return data.subset(perm[n_test:]), data.subset(perm[:n_test])
 
 
 def total_steps(cfg, steps_per_epoch: int) -> int:

@@ -132,27 +132,38 @@ def _gmm_target(ratings: RatingsData, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     return grid, w
 
 
+def quantile_stage(heads: nn.ModuleDict, ratings: RatingsData, steps: int) -> Stage:
+    """QRM stage 1: the quantile heads with the fused pinball loss (``ratings.features[idx]``
+    may be computed on demand, e.g. by a backbone being fine-tuned)."""
+    qh, taus = _head(heads, "quantile"), heads["quantile"].taus
+
+    def quantile_batch(idx):
+        pred = qh(ratings.features[idx])  # (B, M, Q)
+        return ops.pinball_loss(pred, ratings.scores[idx], taus, ratings.mask[idx]), {}
+    return Stage("quantile", _params(heads, "quantile"), quantile_batch, len(ratings), steps)
+
+
+def gating_stage(heads: nn.ModuleDict, pairs: PairsData, steps: int) -> Stage:
+    """QRM stage 2: the gating network with BT on ``Σ_m g_m·E[Q_m]``, quantile heads frozen."""
+    qh, gate = _head(heads, "quantile"), heads["gate"]
+
+    def gate_batch(idx):
+        with torch.no_grad():
+            e_c = qh(pairs.chosen[idx]).mean(-1)  # (B, M): E[Q_m] under equal-mass quantiles
+            e_r = qh(pairs.rejected[idx]).mean(-1)
+        g = gate(pairs.prompt[idx])
+        r_c, r_r = (g * e_c).sum(-1), (g * e_r).sum(-1)
+        return bradley_terry_loss(r_c, r_r), {"accuracy": float((r_c > r_r).float().mean())}
+    return Stage("gating", list(gate.parameters()), gate_batch, len(pairs), steps)
+
+
 def stages(method: str, heads: nn.ModuleDict, train: RMData, cfg) -> list[Stage]:
     if method in ("bt", "bt-margin"):
         return [_bt_stage(heads, _need(train.pairs, "pairs", method), method, cfg.steps)]
     ratings = _need(train.ratings, "ratings", method)
     if method == "qrm":
-        qh, gate, taus = _head(heads, "quantile"), heads["gate"], heads["quantile"].taus
-        pairs = _need(train.pairs, "pairs", method)
-
-        def quantile_batch(idx):
-            pred = qh(ratings.features[idx])  # (B, M, Q)
-            return ops.pinball_loss(pred, ratings.scores[idx], taus, ratings.mask[idx]), {}
-
-        def gate_batch(idx):
-            with torch.no_grad():
-                e_c = qh(pairs.chosen[idx]).mean(-1)  # (B, M): E[Q_m] under equal-mass quantiles
-                e_r = qh(pairs.rejected[idx]).mean(-1)
-            g = gate(pairs.prompt[idx])
-            r_c, r_r = (g * e_c).sum(-1), (g * e_r).sum(-1)
-            return bradley_terry_loss(r_c, r_r), {"accuracy": float((r_c > r_r).float().mean())}
-        return [Stage("quantile", _params(heads, "quantile"), quantile_batch, len(ratings), cfg.steps),
-                Stage("gating", list(gate.parameters()), gate_batch, len(pairs), cfg.gate_steps)]
+        return [quantile_stage(heads, ratings, cfg.steps),
+                gating_stage(heads, _need(train.pairs, "pairs", method), cfg.gate_steps)]
     if method == "gmm":
         head = _head(heads, "gmm")
         points, weights = _gmm_target(ratings, cfg)

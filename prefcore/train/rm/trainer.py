@@ -36,7 +36,7 @@ from prefcore.models.packing import PACKING
 
 METHODS = ("bt", "bt-margin", "qrm", "gmm", "mean-var")
 FINETUNE = ("none", "lora", "full")
-FINETUNE_METHODS = ("bt", "bt-margin", "gmm", "mean-var")  # the methods --finetune lora|full trains today
+FINETUNE_METHODS = METHODS  # the methods --finetune lora|full trains today
 SCHEDULERS = ("linear", "cosine", "constant")
 GMM_TARGETS = ("scores", "em", "histogram")
 
@@ -170,6 +170,8 @@ def check_finetune_settings(cfg: TrainRMConfig) -> None:
     if cfg.method not in FINETUNE_METHODS:
         raise ValueError(f"--finetune {cfg.finetune} trains {', '.join(FINETUNE_METHODS)} today; method "
                          f"{cfg.method!r} trains its heads on frozen features (--finetune none)")
+    if cfg.method == "qrm" and cfg.pairs is None:
+        raise ValueError("method 'qrm' needs --pairs (a pairs file) for its gating stage")
     if cfg.data == "synthetic" or cfg.backbone is None:
         raise ValueError(f"--finetune {cfg.finetune} trains a backbone on text: pass --backbone (a local transformers "
                          "model) and --data (a JSONL/Parquet file of pairs or ratings)")
