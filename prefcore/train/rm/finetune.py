@@ -1,15 +1,19 @@
 """Fine-tune a reward model's backbone together with its head: ``prefcore train-rm --finetune
-lora|full`` (methods ``bt`` and ``bt-margin`` today; QRM/GMM/mean-var train on frozen features).
+lora|full``, for every method.
 
 The backbone (``--backbone``, a local transformers model loaded as its base model, so a
-``…ForCausalLM`` never runs its LM head) and the ``bt`` head (``trunk`` + ``ScalarHead``, as the
-frozen path builds them) are trained jointly from a text pairs file ``{prompt, chosen, rejected,
-votes?, margin?}`` with the Bradley–Terry loss
+``…ForCausalLM`` never runs its LM head) and the method's heads (built as the frozen path builds
+them) are trained jointly. ``bt`` / ``bt-margin`` train from a text pairs file ``{prompt, chosen,
+rejected, votes?, margin?}`` with the Bradley–Terry loss
 
     L = −log σ(r_c − r_r − m) + c · mean(r_c² + r_r²)/2,
 
 ``m`` the vote margin (``bt-margin``) or 0, ``c`` = ``center_rewards_coefficient`` (TRL's centering
-term, off by default). AdamW with two parameter groups (``learning_rate`` for the backbone or its
+term, off by default). ``gmm``, ``mean-var`` and ``qrm`` train from ratings (or one attribute;
+qrm: attributes too) with the frozen path's own losses — the fused ``gmm_nll``, the Gaussian NLL,
+the fused pinball loss — applied to features the backbone computes on demand
+(:class:`LiveFeatures`), so both paths share one loss code; qrm's gating stage then runs as on the
+frozen path, on the fine-tuned model's features of the ``--pairs`` file. AdamW with two parameter groups (``learning_rate`` for the backbone or its
 LoRA adapters, ``head_learning_rate`` for the head), linear warm-up over ``warmup_ratio`` of the
 steps then ``linear`` / ``cosine`` decay or ``constant``, ``gradient_accumulation_steps``
 micro-batches of ``per_device_train_batch_size`` pairs per step (the loss is averaged over the
@@ -32,8 +36,8 @@ fine-tuned backbone (LoRA merged into the base weights) and tokenizer, which
 adapter load, so the run can be moved and the original backbone deleted; ``adapter/`` (LoRA
 only, for reference); ``heads.safetensors`` + ``heads.json``; ``config.json``; ``metrics.jsonl``;
 ``reward_stats.json`` (the training rewards' mean/std); ``report.json`` (held-out pairwise
-accuracy). Not yet: resuming a fine-tuning run, torchrun/FSDP2 fine-tuning, and the ratings
-methods (qrm, gmm, mean-var).
+accuracy, or the frozen path's report for the ratings methods). Not yet: resuming a fine-tuning
+run and torchrun/FSDP2 fine-tuning (both refused with a one-line error).
 """
 from __future__ import annotations
 
