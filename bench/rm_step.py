@@ -13,8 +13,10 @@ ends of consecutive optimizer steps (prefcore: ``prefcore.train.rm.finetune.AFTE
 ``TrainerCallback.on_step_end``), after one warm-up step; memory is the rise of the process's RSS
 high-water mark over its RSS after the warm-up step. Targets: prefcore ≥ 1.5× TRL's pairs per
 second and ≤ 0.8× its peak memory. Results: ``bench/results/rm-step-<machine>-<date>.json``;
-README block rendered by ``tools/bench_table.py``. (The issue also asks to time qrm and gmm
-fine-tuning steps; prefcore fine-tunes bt/bt-margin only so far, so those rows are absent.)
+README block rendered by ``tools/bench_table.py``. The qrm and gmm rows fine-tune the same model with
+those heads on the same texts (``prompt24``: each pair's prompt + chosen response with 8 random
+ratings), 32 rated texts per step — the BT step's 32 responses — target: each step ≤ 1.1× the
+BT step (the distributional heads must be nearly free).
 """
 from __future__ import annotations
 
@@ -36,8 +38,12 @@ from bench.policy_step import PeakRSS, _quantile, _status_kib, build_tokenizer, 
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 IMPLS = ("prefcore", "trl")
+# the distributional heads on the same model and texts (prompt24 only): a step of 32 rated texts
+# (prompt + response each) against the BT step's 16 pairs (32 responses)
+RATINGS_IMPLS = {"prefcore-qrm": "qrm", "prefcore-gmm": "gmm"}
 WORKLOADS = {"prompt24": {"prompt_words": 24, "max_length": 160}, "prompt200": {"prompt_words": 200, "max_length": 360}}
-TARGETS = {"workload": "prompt24", "min_pairs_per_s_ratio": 1.5, "max_peak_mem_ratio": 0.8}
+TARGETS = {"workload": "prompt24", "min_pairs_per_s_ratio": 1.5, "max_peak_mem_ratio": 0.8,
+           "max_head_step_ratio": 1.1}
 
 
 def setup_config(quick: bool) -> dict[str, Any]:
@@ -60,6 +66,16 @@ def write_model(directory: str, cfg: dict[str, Any]) -> None:
         torch.manual_seed(cfg["seed"])
         LlamaForSequenceClassification(mcfg).save_pretrained(directory)
     tok.save_pretrained(directory)
+
+
+def write_ratings(pairs_path: str, path: str, seed: int) -> None:
+    """Each pair's prompt + chosen response as a rated text with 8 random scores in [−1, 1]."""
+    rng = random.Random(seed + 2)
+    with open(pairs_path) as f, open(path, "w") as out:
+        for line in f:
+            row = json.loads(line)
+            out.write(json.dumps({"prompt": row["prompt"], "response": row["chosen"],
+                                  "scores": [rng.uniform(-1, 1) for _ in range(8)]}) + "\n")
 
 
 def write_pairs(path: str, cfg: dict[str, Any], workload: str, n: int) -> None:
@@ -99,14 +115,17 @@ class StepClock:
         return {"step_s_all": times, "peak_mem_mib": self.peak_mib}
 
 
-def run_prefcore(model_dir: str, data: str, cfg: dict[str, Any], max_length: int, steps: int, work: str) -> dict:
+def run_prefcore(model_dir: str, data: str, cfg: dict[str, Any], max_length: int, steps: int, work: str,
+                 method: str = "bt", pairs: str | None = None) -> dict:
     import prefcore.train.rm.finetune as ft
     from prefcore.train.rm.trainer import TrainRMConfig, train_reward_model
 
     clock = StepClock(steps)
     ft.AFTER_STEP = lambda step: clock.step_end()
-    tc = TrainRMConfig(method="bt", finetune="full", data=data, backbone=model_dir, out=os.path.join(work, "run"),
-                       per_device_train_batch_size=cfg["pairs_per_step"], gradient_accumulation_steps=1,
+    rows = cfg["pairs_per_step"] * (1 if method == "bt" else 2)
+    tc = TrainRMConfig(method=method, finetune="full", data=data, pairs=pairs, backbone=model_dir,
+                       out=os.path.join(work, "run"), gate_steps=1,
+                       per_device_train_batch_size=rows, gradient_accumulation_steps=1,
                        learning_rate=cfg["learning_rate"], head_learning_rate=cfg["learning_rate"],
                        max_steps=steps + 1, max_length=max_length, trunk_layers=0, lr_scheduler_type="constant",
                        weight_decay=0.0, eval_fraction=0.05, progress=False, log_every=10**6, seed=cfg["seed"])
@@ -140,10 +159,14 @@ def run_trl(model_dir: str, data: str, cfg: dict[str, Any], max_length: int, ste
     return clock.result()
 
 
-def child_main(impl: str, model_dir: str, data: str, cfg: dict, max_length: int, steps: int, out_path: str) -> None:
+def child_main(impl: str, model_dir: str, data: str, cfg: dict, max_length: int, steps: int, out_path: str,
+               pairs: str | None = None) -> None:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as work:
-        res = (run_prefcore if impl == "prefcore" else run_trl)(model_dir, data, cfg, max_length, steps, work)
+        if impl in RATINGS_IMPLS:
+            res = run_prefcore(model_dir, data, cfg, max_length, steps, work, RATINGS_IMPLS[impl], pairs)
+        else:
+            res = (run_prefcore if impl == "prefcore" else run_trl)(model_dir, data, cfg, max_length, steps, work)
     res["torch_threads"] = torch.get_num_threads()
     res["setup_rss_mib"] = _status_kib("VmRSS") / 1024
     with open(out_path, "w") as f:
@@ -162,11 +185,15 @@ def run_all(quick: bool, steps: int, workloads: list[str]) -> dict[str, Any]:
             data = os.path.join(work, f"{wl}.jsonl")
             write_pairs(data, cfg, wl, cfg["pairs_per_step"] * (steps + 2) * 2)
             results[wl] = {}
-            for impl in IMPLS:
+            ratings = os.path.join(work, f"{wl}-ratings.jsonl")
+            write_ratings(data, ratings, cfg["seed"])
+            impls = [*IMPLS, *(RATINGS_IMPLS if wl == TARGETS["workload"] else ())]
+            for impl in impls:
                 out = os.path.join(work, f"{wl}-{impl}.json")
                 cmd = [sys.executable, "-m", "bench.rm_step", "--_child", impl, "--_model-dir", model_dir,
-                       "--_data", data, "--_cfg", json.dumps(cfg), "--_max-length", str(max_length),
-                       "--steps", str(steps), "--_out", out]
+                       "--_data", ratings if impl in RATINGS_IMPLS else data, "--_pairs", data,
+                       "--_cfg", json.dumps(cfg), "--_max-length", str(max_length), "--steps", str(steps),
+                       "--_out", out]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{impl} child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -179,7 +206,9 @@ def run_all(quick: bool, steps: int, workloads: list[str]) -> dict[str, Any]:
                 print(f"  {wl:<10} {impl:<9} {r['step_s']['median']:.3f} s/step  {r['pairs_per_s']:.1f} pairs/s  "
                       f"peak +{r['peak_mem_mib']:.0f} MiB", flush=True)
     ratios = {wl: {"pairs_per_s_prefcore_over_trl": per["prefcore"]["pairs_per_s"] / per["trl"]["pairs_per_s"],
-                   "peak_mem_prefcore_over_trl": per["prefcore"]["peak_mem_mib"] / max(per["trl"]["peak_mem_mib"], 1e-9)}
+                   "peak_mem_prefcore_over_trl": per["prefcore"]["peak_mem_mib"] / max(per["trl"]["peak_mem_mib"], 1e-9),
+                   **{f"step_{impl.split('-')[1]}_over_bt": per[impl]["step_s"]["median"] / per["prefcore"]["step_s"]["median"]
+                      for impl in RATINGS_IMPLS if impl in per}}
               for wl, per in results.items()}
     t = ratios.get(TARGETS["workload"])
     now = dt.datetime.now(dt.timezone.utc)
@@ -188,21 +217,23 @@ def run_all(quick: bool, steps: int, workloads: list[str]) -> dict[str, Any]:
             "command": "python -m bench.rm_step" + (" --quick" if quick else ""), "machine": machine_info(2),
             "threads": 2, "config": cfg, "steps_measured": steps, "load_avg_before": load_before,
             "load_avg_after": list(os.getloadavg()), "results": results, "ratios": ratios,
-            "targets": {**TARGETS, "met": None if t is None else bool(
-                t["pairs_per_s_prefcore_over_trl"] >= TARGETS["min_pairs_per_s_ratio"]
-                and t["peak_mem_prefcore_over_trl"] <= TARGETS["max_peak_mem_ratio"])}}
+            "targets": {**TARGETS, "met": None if t is None else {
+                "pairs_per_s": bool(t["pairs_per_s_prefcore_over_trl"] >= TARGETS["min_pairs_per_s_ratio"]),
+                "peak_mem": bool(t["peak_mem_prefcore_over_trl"] <= TARGETS["max_peak_mem_ratio"]),
+                **{k: bool(v <= TARGETS["max_head_step_ratio"]) for k, v in t.items() if k.endswith("_over_bt")}}}}
 
 
 def markdown(res: dict[str, Any]) -> str:
-    lines = ["| workload | impl | step s (p20–p80) | pairs/s | peak MiB |", "|---|---|---|---|---|"]
+    lines = ["| workload | impl | step s (p20–p80) | pairs/s (rated texts/s / 2) | peak MiB |", "|---|---|---|---|---|"]
     for wl, per in res["results"].items():
         for impl, r in per.items():
             s = r["step_s"]
             lines.append(f"| {wl} | {impl} | {s['median']:.3f} ({s['p20']:.3f}–{s['p80']:.3f}) | {r['pairs_per_s']:.1f} | "
                          f"{r['peak_mem_mib']:.0f} |")
     for wl, r in res["ratios"].items():
+        heads = "".join(f"; {k[5:-8]} step / bt step {v:.2f}×" for k, v in r.items() if k.endswith("_over_bt"))
         lines.append(f"\n{wl}: prefcore/TRL pairs per second {r['pairs_per_s_prefcore_over_trl']:.2f}×, peak memory "
-                     f"{r['peak_mem_prefcore_over_trl']:.2f}×")
+                     f"{r['peak_mem_prefcore_over_trl']:.2f}×{heads}")
     return "\n".join(lines)
 
 
@@ -212,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="measured steps after the warm-up step (default 5)")
     ap.add_argument("--workload", action="append", choices=list(WORKLOADS), help="only this workload (repeatable)")
     ap.add_argument("--out", default=None, help="results path (default bench/results/rm-step-<machine>-<date>.json)")
-    ap.add_argument("--_child", choices=IMPLS, help=argparse.SUPPRESS)
+    ap.add_argument("--_child", choices=[*IMPLS, *RATINGS_IMPLS], help=argparse.SUPPRESS)
+    ap.add_argument("--_pairs", dest="pairs", help=argparse.SUPPRESS)
     ap.add_argument("--_model-dir", dest="model_dir", help=argparse.SUPPRESS)
     ap.add_argument("--_data", dest="data", help=argparse.SUPPRESS)
     ap.add_argument("--_cfg", dest="cfg", help=argparse.SUPPRESS)
@@ -223,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if steps < 1:
         ap.error(f"--steps must be >= 1, got {steps}")
     if a._child:
-        child_main(a._child, a.model_dir, a.data, json.loads(a.cfg), a.max_length, steps, a.child_out)
+        child_main(a._child, a.model_dir, a.data, json.loads(a.cfg), a.max_length, steps, a.child_out, a.pairs)
         return 0
     res = run_all(a.quick, steps, a.workload or list(WORKLOADS))
     path = a.out or os.path.join(RESULTS_DIR, f"rm-step-{machine_slug(res['machine'])}-{res['date']}.json")

@@ -19,6 +19,8 @@ def test_quick_run_writes_complete_results(tmp_path):
         for impl in ("prefcore", "trl"):
             r = per[impl]
             assert len(r["step_s_all"]) == 2 and all(t > 0 for t in r["step_s_all"]) and r["pairs_per_s"] > 0
+    assert set(res["results"]["prompt24"]) == {"prefcore", "trl", "prefcore-qrm", "prefcore-gmm"}
+    assert res["ratios"]["prompt24"]["step_qrm_over_bt"] > 0 and res["ratios"]["prompt24"]["step_gmm_over_bt"] > 0
     assert all(r["pairs_per_s_prefcore_over_trl"] > 0 for r in res["ratios"].values())
     from tools.bench_table import render_rm_step
 
