@@ -178,7 +178,7 @@ def test_bt_margin_finetunes_with_vote_margins(world, tmp_path):
     (["--backbone", None], "pass --backbone"),
     (["--max_length", "1"], "max_length must leave room"),
     (["--finetune", "lora", "--lora_target_modules", "no_such_proj"], "lora_target_modules='no_such_proj'"),
-    (["--resume", "true"], "--resume is not supported for --finetune runs"),
+    (["--resume", "true"], "resume: no finetune_checkpoint.pt"),
     (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be an integer >= 1"),
     (["--warmup_ratio", "1.5"], "warmup_ratio must lie in [0, 1)"),
     (["--too_long", "drop", "--max_length", "3"], "every pair is longer than max_length=3"),
@@ -198,6 +198,38 @@ def test_bad_settings_are_one_line_exit_2_and_leave_nothing(world, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("prefcore train-rm: error:") and message in err[0], err
     assert not out.exists()
+
+
+def test_a_crash_and_resume_end_exactly_as_the_uninterrupted_run(world, tmp_path, monkeypatch, capsys):
+    import prefcore.train.rm.finetune as ft
+    from safetensors.torch import load_file
+
+    from prefcore.train.rm.trainer import TrainRMConfig, train_reward_model
+
+    base = dict(method="bt", finetune="lora", data=str(world.pairs), backbone=str(world.backbone), max_length=48,
+                max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3,
+                head_learning_rate=1e-2, warmup_ratio=0.2, trunk_layers=0, log_every=1, checkpoint_every=2,
+                progress=False)  # 4 steps per epoch: the resume lands mid-epoch and crosses an epoch boundary
+    train_reward_model(TrainRMConfig(out=str(tmp_path / "whole"), **base))
+
+    def crash(step: int) -> None:
+        if step == 3:  # after the step-2 checkpoint
+            raise RuntimeError("simulated crash")
+    monkeypatch.setattr(ft, "AFTER_STEP", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_reward_model(TrainRMConfig(out=str(tmp_path / "cut"), **base))
+    assert torch.load(tmp_path / "cut" / "finetune_checkpoint.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(ft, "AFTER_STEP", None)
+    assert main(["train-rm", "--method", "bt", "--finetune", "lora", "--data", str(world.pairs), "--backbone",
+                 str(world.backbone), "--out", str(tmp_path / "cut"), "--resume", "true", "--learning_rate", "0.5",
+                 "--progress", "false"]) == 2  # changed settings are refused
+    assert "configuration differs" in capsys.readouterr().err
+    train_reward_model(TrainRMConfig(out=str(tmp_path / "cut"), resume=True, **base))
+    for name in ("heads.safetensors", "backbone/model.safetensors"):
+        a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "cut" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "step_time"} for r in recs]  # noqa: E731
+    assert strip(metrics(tmp_path / "cut")) == strip(metrics(tmp_path / "whole"))
 
 
 def test_finetuning_under_several_processes_is_refused(world, tmp_path, capsys, monkeypatch):

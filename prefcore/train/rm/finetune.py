@@ -36,8 +36,9 @@ fine-tuned backbone (LoRA merged into the base weights) and tokenizer, which
 adapter load, so the run can be moved and the original backbone deleted; ``adapter/`` (LoRA
 only, for reference); ``heads.safetensors`` + ``heads.json``; ``config.json``; ``metrics.jsonl``;
 ``reward_stats.json`` (the training rewards' mean/std); ``report.json`` (held-out pairwise
-accuracy, or the frozen path's report for the ratings methods). Not yet: resuming a fine-tuning
-run and torchrun/FSDP2 fine-tuning (both refused with a one-line error).
+accuracy, or the frozen path's report for the ratings methods), and during training
+``finetune_checkpoint.pt`` (atomic; ``--resume`` continues exactly, see :func:`optimize`). Not yet:
+torchrun/FSDP2 fine-tuning (refused with a one-line error).
 """
 from __future__ import annotations
 
@@ -182,8 +183,6 @@ def finetune_reward_model(cfg) -> dict:
     from prefcore.models.packing import resolve_packing
     from prefcore.train.rm.sources import _kind, _load, load_text_encoder
 
-    if cfg.resume:
-        raise ValueError("--resume is not supported for --finetune runs yet (start the run again)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--finetune under torchrun (several processes) is not supported yet; run one process")
     if not os.path.isfile(cfg.data):
@@ -217,7 +216,7 @@ def finetune_reward_model(cfg) -> dict:
     sampler = LengthGroupedBatchSampler(lengths, step_pairs, shuffle=True, seed=cfg.seed)
     total = total_steps(cfg, len(sampler))
 
-    log = start_run_dir(cfg)
+    log, resume = start_run_dir(cfg)
     trunc = counts["truncation"]
     print(f"prefcore train-rm [{cfg.method}, finetune {cfg.finetune}]: {len(records)} pairs, {n - n_test} train / "
           f"{n_test} held out; {choice.reason}; {trunc}; pairs whose split tokenization differs from the "
@@ -233,7 +232,7 @@ def finetune_reward_model(cfg) -> dict:
             per_pair = per_pair + cfg.center_rewards_coefficient * 0.5 * (r_c ** 2 + r_r ** 2)
         return per_pair.mean(), {"accuracy": float((r_c > r_r).float().mean())}
 
-    optimize(cfg, backbone, heads, train_idx, lengths, micro_loss, log, total)
+    optimize(cfg, backbone, heads, train_idx, lengths, micro_loss, log, total, resume)
 
     backbone.eval()
     heads.eval()
@@ -268,15 +267,33 @@ def prepare_model(cfg, backbone: nn.Module, extra: dict | None = None) -> tuple[
     return backbone, hc, build_heads(hc)
 
 
-def start_run_dir(cfg) -> MetricsLog:
+def start_run_dir(cfg) -> tuple[MetricsLog, dict | None]:
+    """``(metrics log, checkpoint to resume from or None)``. A new run clears what an older run
+    left in ``OUT``; ``--resume`` checks that the settings and data are those of the checkpointed
+    run and cuts the metrics log back to the checkpoint's step."""
     from prefcore.train.rm.trainer import _saved_config
 
+    config_path = os.path.join(cfg.out, "config.json")
+    log = MetricsLog(os.path.join(cfg.out, METRICS))
+    if cfg.resume:
+        path = os.path.join(cfg.out, FINETUNE_CHECKPOINT)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"resume: no {FINETUNE_CHECKPOINT} in {cfg.out!r} (start without --resume)")
+        with open(config_path) as f:
+            saved = json.load(f)
+        now = _saved_config(cfg)
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            raise ValueError(f"resume: the configuration differs from the checkpointed run in {diff}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        log.truncate_after(lambda rec: rec.get("stage") == "finetune" and rec["step"] <= state["step"])
+        return log, state
     os.makedirs(cfg.out, exist_ok=True)
-    for stale in ("checkpoint.pt", METRICS, "report.json"):
+    for stale in ("checkpoint.pt", FINETUNE_CHECKPOINT, METRICS, "report.json"):
         if os.path.exists(os.path.join(cfg.out, stale)):
             os.remove(os.path.join(cfg.out, stale))
-    atomic_write_json(os.path.join(cfg.out, "config.json"), _saved_config(cfg))
-    return MetricsLog(os.path.join(cfg.out, METRICS))
+    atomic_write_json(config_path, _saved_config(cfg))
+    return log, None
 
 
 def finish_run_dir(cfg, backbone: nn.Module, tokenizer, heads: nn.ModuleDict, hc: dict, report: dict,
@@ -397,7 +414,7 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer) -> dic
     steps_per_epoch = len(LengthGroupedBatchSampler(lengths, cfg.per_device_train_batch_size
                                                     * cfg.gradient_accumulation_steps, seed=cfg.seed))
     total = total_steps(cfg, steps_per_epoch)
-    log = start_run_dir(cfg)
+    log, resume = start_run_dir(cfg)
     print(f"prefcore train-rm [{cfg.method}, finetune {cfg.finetune}]: {len(records)} rated texts, {n - n_test} train / "
           f"{n_test} held out; {trunc}; {total} steps of {cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps} "
           "texts", flush=True)
@@ -406,7 +423,7 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer) -> dic
         loss, metrics = batch_loss(torch.tensor(part))
         return loss, metrics
 
-    optimize(cfg, backbone, heads, train_idx, lengths, micro_loss, log, total)
+    optimize(cfg, backbone, heads, train_idx, lengths, micro_loss, log, total, resume)
     backbone.eval()
     heads.eval()
     feats = live.all()
@@ -421,6 +438,8 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer) -> dic
         from prefcore.train.loop import run_stage
 
         gate = gating_stage(heads, pairs_train, cfg.gate_steps)
+        # (a resumed run redoes this short stage from its start: same seed, same result)
+        MetricsLog(os.path.join(cfg.out, METRICS)).truncate_after(lambda rec: rec.get("stage") != "gating")
         run_stage(gate.name, 1, heads, gate.params, gate.batch_loss, gate.n_items, cfg.loop_config(gate.steps),
                   cfg.out, done_stages=["quantile"], progress=cfg.progress)
         heads.eval()
@@ -478,14 +497,23 @@ def total_steps(cfg, steps_per_epoch: int) -> int:
     return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
 
+FINETUNE_CHECKPOINT = "finetune_checkpoint.pt"
+
+
 def optimize(cfg, backbone: nn.Module, heads: nn.Module, train_idx: Sequence[int], lengths: Sequence[int],
              micro_loss: Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]], log: MetricsLog,
-             total: int) -> None:
+             total: int, resume: dict | None = None) -> None:
     """The optimisation loop shared by every method: ``total`` AdamW steps (two parameter groups,
     warm-up + decay), each over ``per_device_train_batch_size × gradient_accumulation_steps`` rows
     of ``train_idx`` from a length-grouped sampler (``lengths[j]`` pads row ``train_idx[j]``);
     ``micro_loss(rows)`` is the mean loss of one micro-batch and its metrics; the step's loss is
-    the mean over its rows. Logs every ``log_every`` steps; calls :data:`AFTER_STEP`."""
+    the mean over its rows. Logs every ``log_every`` steps; calls :data:`AFTER_STEP`.
+
+    Every ``checkpoint_every`` steps and after the last, ``OUT/finetune_checkpoint.pt`` is written
+    atomically: backbone (or LoRA model) and head weights, optimizer, scheduler, RNG, and the
+    position in the data order (epoch and batches done; the order is a function of seed and
+    epoch). ``resume`` (such a checkpoint) restores all of it, so the run ends as the
+    uninterrupted run would."""
     from prefcore.data.batching import LengthGroupedBatchSampler
 
     micro = cfg.per_device_train_batch_size
@@ -501,10 +529,30 @@ def optimize(cfg, backbone: nn.Module, heads: nn.Module, train_idx: Sequence[int
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc=f"train-rm {cfg.method} ({cfg.finetune})", leave=False)
-    step, epoch = 0, 0
+    step, epoch, skip = 0, 0, 0
+    if resume is not None:
+        backbone.load_state_dict(resume["backbone"])
+        heads.load_state_dict(resume["heads"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"])
+        step, epoch, skip = int(resume["step"]), int(resume["epoch"]), int(resume["batches_in_epoch"])
+        if bar is not None:
+            bar.update(step)
+
+    def checkpoint(batches_in_epoch: int) -> None:
+        from prefcore._io import atomic_torch_save
+
+        atomic_torch_save(os.path.join(cfg.out, FINETUNE_CHECKPOINT), {
+            "step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "total": total,
+            "backbone": backbone.state_dict(), "heads": heads.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "rng": torch.get_rng_state()})
+
     while step < total:
         sampler.set_epoch(epoch)
-        for batch in sampler:
+        for b_i, batch in enumerate(sampler):
+            if b_i < skip:
+                continue  # done before the checkpoint this run resumed from
             if step >= total:
                 break
             t0 = time.perf_counter()
@@ -530,9 +578,12 @@ def optimize(cfg, backbone: nn.Module, heads: nn.Module, train_idx: Sequence[int
                 log.write({"stage": "finetune", "step": step, "loss": loss_sum, **sums, "grad_norm": grad_norm,
                            "lr": opt.param_groups[0]["lr"], "head_lr": opt.param_groups[1]["lr"],
                            "step_time": time.perf_counter() - t0})
+            if step % cfg.checkpoint_every == 0 or step == total:
+                checkpoint(b_i + 1)
             if bar is not None:
                 bar.update(1)
         epoch += 1
+        skip = 0
     if bar is not None:
         bar.close()
 
