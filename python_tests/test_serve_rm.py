@@ -229,8 +229,11 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(runs):
 
         t = threading.Thread(target=call)
         t.start()
-        time.sleep(0.5)  # the request now waits in the batcher
-        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while httpx.get(server.url + "/info").json()["stats"]["requests"] < 1:  # until the server has it
+            assert time.monotonic() < deadline, "the request never reached the server"
+            time.sleep(0.02)
+        server.proc.send_signal(signal.SIGTERM)  # it now waits in the batcher (1.5 s window)
         t.join(30)
         assert result["r"].status_code == 200 and len(result["r"].json()["results"]) == 1
         assert server.proc.wait(30) == 0
