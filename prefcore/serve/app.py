@@ -33,8 +33,8 @@ set; 500 with the message when the model fails on a batch (only that batch's req
 lists give empty answers. Texts over ``max_length`` tokens keep their end (as in training) and
 are counted in ``/info``.
 """
-
-
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoints' parameter
+# annotations (``request: Request``, imported inside :func:`build_app`) when they are defined.
 import asyncio
 import hmac
 import json
@@ -48,6 +48,7 @@ import torch
 from prefcore.serve.batcher import LOW_QUANTILES, Batcher, Sample, ServedModel, stack_rows
 from prefcore.serve.config import ServeConfig
 from prefcore.utility import Utility, parse_utility
+
 
 class RequestError(Exception):
     def __init__(self, status: int, message: str):
