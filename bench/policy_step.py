@@ -445,6 +445,18 @@ def _ratios(per: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def write_results(res: dict[str, Any], path: str, render: Callable[[dict[str, Any]], str]) -> None:
+    """Write a bench's results JSON atomically to ``path``, then print ``render(res)`` and the path
+    (shared by the step and server benches)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=2)
+    os.replace(tmp, path)
+    print(render(res))
+    print(f"\nwritten {path}")
+
+
 def machine_slug(info: dict[str, Any]) -> str:
     return re.sub(r"[^a-z0-9]+", "-", f"cpu-{info['cpu']}-{info['torch_threads']}t".lower()).strip("-")
 
@@ -500,13 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     res = run_all(a.quick, steps, rounds, a.threads, a.vocab or list(VOCABS), list(dict.fromkeys(a.precision or PRECISIONS)))
     path = a.out or os.path.join(RESULTS_DIR, f"policy-step-{machine_slug(res['machine'])}-{res['date']}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, path)
-    print(markdown(res))
-    print(f"\nwritten {path}")
+    write_results(res, path, markdown)
     return 0
 
 

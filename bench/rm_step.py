@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from bench.policy_step import PeakRSS, _quantile, _status_kib, build_tokenizer, machine_info, machine_slug
+from bench.policy_step import (PeakRSS, _quantile, _status_kib, build_tokenizer, machine_info, machine_slug,
+                               write_results)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 IMPLS = ("prefcore", "trl")
@@ -259,13 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     res = run_all(a.quick, steps, a.workload or list(WORKLOADS))
     path = a.out or os.path.join(RESULTS_DIR, f"rm-step-{machine_slug(res['machine'])}-{res['date']}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, path)
-    print(markdown(res))
-    print(f"\nwritten {path}")
+    write_results(res, path, markdown)
     return 0
 
 

@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import os
 import platform
 import random
-import re
 import statistics
 import sys
 import tempfile
@@ -187,20 +185,16 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.policy_step import machine_slug, write_results
+
     ap = argparse.ArgumentParser(prog="python -m bench.serve_rm", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 clients, 1 s each (a smoke test)")
     ap.add_argument("--out", default=None, help="results path (default bench/results/serve-rm-<machine>-<date>.json)")
     a = ap.parse_args(argv)
     res = run_all(a.quick)
-    slug = re.sub(r"[^a-z0-9]+", "-", f"cpu-{res['machine']['cpu']}-{res['server_threads']}t".lower()).strip("-")
+    slug = machine_slug({"cpu": res["machine"]["cpu"], "torch_threads": res["server_threads"]})
     path = a.out or os.path.join(RESULTS_DIR, f"serve-rm-{slug}-{res['date']}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, path)
-    print(markdown(res))
-    print(f"\nwritten {path}")
+    write_results(res, path, markdown)
     return 0
 
 

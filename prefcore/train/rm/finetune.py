@@ -179,23 +179,18 @@ def pair_rewards(backbone: nn.Module, heads: nn.ModuleDict, pairs: TokenizedPair
 def finetune_reward_model(cfg) -> dict:
     """Fine-tune ``cfg.backbone`` with a ``cfg.method`` head on ``cfg.data`` into ``cfg.out``
     (module docstring); returns the held-out report (also ``OUT/report.json``)."""
-    from prefcore.data.batching import LengthGroupedBatchSampler, pair_length
+    from prefcore.data.batching import pair_length
     from prefcore.models.packing import resolve_packing
-    from prefcore.train.rm.sources import _kind, _load, load_text_encoder
+    from prefcore.train.rm.sources import _load, data_kind, load_text_encoder
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--finetune under torchrun (several processes) is not supported yet; run one process")
     if not os.path.isfile(cfg.data):
         raise FileNotFoundError(f"data must be an existing JSONL/Parquet pairs file, got {cfg.data!r}")
-    kind = _kind(cfg.data, cfg.data_format, cfg.attributes)
-    pairwise = cfg.method in ("bt", "bt-margin")
-    if pairwise and kind != "pairs":
-        raise ValueError(f"method {cfg.method!r} trains on pairs, but {cfg.data!r} holds {kind}")
-    if not pairwise and kind == "pairs":
-        raise ValueError(f"method {cfg.method!r} trains on ratings, but {cfg.data!r} holds pairs")
+    kind = data_kind(cfg)
     ds = _load(cfg.data, cfg.data_format, kind, cfg)
     backbone, tokenizer = load_text_encoder(cfg.backbone)
-    if not pairwise:
+    if kind != "pairs":
         return _finetune_ratings(cfg, ds, kind, backbone, tokenizer)
     records = list(ds.records)
     pairs, kept, counts = tokenize_pairs(tokenizer, records, cfg.max_length, cfg.too_long, cfg.method)
@@ -213,8 +208,7 @@ def finetune_reward_model(cfg) -> dict:
 
     step_pairs = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     lengths = [pair_length(pairs.prompt[i], pairs.chosen[i], pairs.rejected[i], choice.mode) for i in train_idx]
-    sampler = LengthGroupedBatchSampler(lengths, step_pairs, shuffle=True, seed=cfg.seed)
-    total = total_steps(cfg, len(sampler))
+    total = total_steps(cfg, len(train_idx))
 
     log, resume = start_run_dir(cfg)
     trunc = counts["truncation"]
@@ -271,7 +265,7 @@ def start_run_dir(cfg) -> tuple[MetricsLog, dict | None]:
     """``(metrics log, checkpoint to resume from or None)``. A new run clears what an older run
     left in ``OUT``; ``--resume`` checks that the settings and data are those of the checkpointed
     run and cuts the metrics log back to the checkpoint's step."""
-    from prefcore.train.rm.trainer import _saved_config
+    from prefcore.train.rm.trainer import _saved_config, check_resume_config
 
     config_path = os.path.join(cfg.out, "config.json")
     log = MetricsLog(os.path.join(cfg.out, METRICS))
@@ -279,12 +273,7 @@ def start_run_dir(cfg) -> tuple[MetricsLog, dict | None]:
         path = os.path.join(cfg.out, FINETUNE_CHECKPOINT)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"resume: no {FINETUNE_CHECKPOINT} in {cfg.out!r} (start without --resume)")
-        with open(config_path) as f:
-            saved = json.load(f)
-        now = _saved_config(cfg)
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if diff:
-            raise ValueError(f"resume: the configuration differs from the checkpointed run in {diff}")
+        check_resume_config(cfg, config_path)
         state = torch.load(path, map_location="cpu", weights_only=False)
         log.truncate_after(lambda rec: rec.get("stage") == "finetune" and rec["step"] <= state["step"])
         return log, state
@@ -409,11 +398,7 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer) -> dic
     stage = quantile_stage(heads, train, 0) if qrm else stages(cfg.method, heads, RMData(ratings=train), cfg)[0]
     batch_loss = stage.batch_loss
     lengths = [len(rows[i]) for i in train_idx]
-    from prefcore.data.batching import LengthGroupedBatchSampler
-
-    steps_per_epoch = len(LengthGroupedBatchSampler(lengths, cfg.per_device_train_batch_size
-                                                    * cfg.gradient_accumulation_steps, seed=cfg.seed))
-    total = total_steps(cfg, steps_per_epoch)
+    total = total_steps(cfg, len(train_idx))
     log, resume = start_run_dir(cfg)
     print(f"prefcore train-rm [{cfg.method}, finetune {cfg.finetune}]: {len(records)} rated texts, {n - n_test} train / "
           f"{n_test} held out; {trunc}; {total} steps of {cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps} "
@@ -493,8 +478,13 @@ def _pair_features(cfg, pairs_ds, backbone: nn.Module, tokenizer, hidden: int):
     return data.subset(perm[n_test:]), data.subset(perm[:n_test])
 
 
-def total_steps(cfg, steps_per_epoch: int) -> int:
-    return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+def total_steps(cfg, n_train: int) -> int:
+    """``max_steps``, else ``num_train_epochs`` epochs of ``n_train`` rows: an epoch is as many
+    steps as the length-grouped sampler yields, ``ceil(n_train / rows per step)``."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = -(-n_train // (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps))
+    return max(1, math.ceil(cfg.num_train_epochs * per_epoch))
 
 
 FINETUNE_CHECKPOINT = "finetune_checkpoint.pt"

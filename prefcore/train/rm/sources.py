@@ -169,6 +169,18 @@ def _pairs(ds, path: str, embed: TextEmbedder, *, with_prompts: bool, need_margi
     return PairsData(chosen, rejected, prompt, votes, vote_mask, margin)
 
 
+def data_kind(cfg) -> str:
+    """The kind of ``cfg.data`` (:func:`_kind`), checked against what ``cfg.method`` trains on:
+    pairs for bt/bt-margin, ratings or attributes for the others."""
+    kind = _kind(cfg.data, cfg.data_format, cfg.attributes)
+    pairwise = cfg.method in ("bt", "bt-margin")
+    if pairwise and kind != "pairs":
+        raise ValueError(f"method {cfg.method!r} trains on pairs, but {cfg.data!r} holds {kind}")
+    if not pairwise and kind == "pairs":
+        raise ValueError(f"method {cfg.method!r} trains on ratings/attributes, but {cfg.data!r} holds pairs")
+    return kind
+
+
 def load_rm_data(cfg) -> RMData:
     """The training data named by ``cfg`` (a :class:`~prefcore.train.rm.trainer.TrainRMConfig`)."""
     if cfg.data == "synthetic":
@@ -181,12 +193,8 @@ def load_rm_data(cfg) -> RMData:
                                     if name == "data" else f"pairs must be an existing JSONL/Parquet file, got {path!r}")
     if cfg.backbone is None:
         raise ValueError("text data needs --backbone: a local directory with a transformers model to embed the texts")
-    kind = _kind(cfg.data, cfg.data_format, cfg.attributes)
-    pairwise = cfg.method in ("bt", "bt-margin")
-    if pairwise and kind != "pairs":
-        raise ValueError(f"method {cfg.method!r} trains on pairs, but {cfg.data!r} holds {kind}")
-    if not pairwise and kind == "pairs":
-        raise ValueError(f"method {cfg.method!r} trains on ratings/attributes, but {cfg.data!r} holds pairs")
+    kind = data_kind(cfg)
+    pairwise = kind == "pairs"
     if cfg.method == "qrm" and cfg.pairs is None:
         raise ValueError("method 'qrm' needs --pairs (a pairs file) for its gating stage")
     ds = _load(cfg.data, cfg.data_format, kind, cfg)

@@ -218,6 +218,16 @@ def _saved_config(cfg: TrainRMConfig) -> dict:
     return d
 
 
+def check_resume_config(cfg: TrainRMConfig, config_path: str) -> None:
+    """A resumed run must have the checkpointed run's settings and data (``config.json``)."""
+    with open(config_path) as f:
+        saved = json.load(f)
+    now = _saved_config(cfg)
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        raise ValueError(f"resume: the configuration differs from the checkpointed run in {diff}")
+
+
 def save_heads(heads: nn.Module, head_cfg: dict, out_dir: str) -> None:
     """``heads.safetensors`` (weights) and ``heads.json`` (what rebuilds them), each atomically."""
     atomic_save_safetensors(os.path.join(out_dir, "heads.safetensors"), heads.state_dict())
@@ -316,12 +326,7 @@ def _train_reward_model(cfg: TrainRMConfig, data) -> dict:
         ckpt = load_checkpoint(out)
         if ckpt is None:
             raise FileNotFoundError(f"resume: no checkpoint.pt in {out!r} (start without --resume)")
-        with open(config_path) as f:
-            saved = json.load(f)
-        now = _saved_config(cfg)
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if diff:
-            raise ValueError(f"resume: the configuration differs from the checkpointed run in {diff}")
+        check_resume_config(cfg, config_path)
         heads.load_state_dict(ckpt["module"])
     else:
         for stale in ("checkpoint.pt", METRICS, "report.json"):
