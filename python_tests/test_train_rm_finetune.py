@@ -232,11 +232,15 @@ def test_a_crash_and_resume_end_exactly_as_the_uninterrupted_run(world, tmp_path
     assert strip(metrics(tmp_path / "cut")) == strip(metrics(tmp_path / "whole"))
 
 
-def test_finetuning_under_several_processes_is_refused(world, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the refusal comes before any group is joined
+@pytest.mark.parametrize("extra, message", [
+    (["--fsdp", "true"], "--fsdp needs a torchrun launch with >= 2 processes"),
+    (["--fsdp", "true", "--finetune", "none"], "--fsdp shards a backbone being fine-tuned"),
+])
+def test_fsdp_outside_torchrun_is_refused(world, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "run"
-    assert finetune(world, out, "full", "--max_steps", "1") == 2
-    assert "not supported yet" in capsys.readouterr().err and not out.exists()
+    assert finetune(world, out, "full", "--max_steps", "1", *extra) == 2
+    assert message in capsys.readouterr().err and not out.exists()
 
 
 def test_lora_without_peft_names_the_package(world, tmp_path, capsys, monkeypatch):

@@ -42,6 +42,8 @@ from prefcore._io import (
     sha256_state_dict,
     sha256_strings,
 )
+from prefcore.train.distributed import all_reduce_sum, maybe_init, shard_decoder_layers
+from prefcore.train.distributed import world as dist_world
 from prefcore.train.loop import CHECKPOINT, METRICS, MetricsLog
 from prefcore.train.policy.config import PolicyConfig, load_utility
 from prefcore.train.policy.embedded import default_world_setup
@@ -62,29 +64,7 @@ QUANTILE_LEVELS = (0.05, 0.1, 0.25)
 TIMING_KEYS = ("step_time", "tokens_per_s", "time/generate", "time/score", "time/update")
 
 
-# ---- distributed helpers -------------------------------------------------------------------
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _maybe_init_distributed(device: str) -> bool:
-    """Initialise ``torch.distributed`` from torchrun's environment (gloo on CPU, nccl on CUDA);
-    True when this call did it (and should tear it down)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return False
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return True
-
-
-def _allreduce(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
-
+# ---- device --------------------------------------------------------------------------------
 
 def _resolve_device(cfg: PolicyConfig) -> torch.device:
     if cfg.device == "auto":
@@ -143,8 +123,8 @@ class PolicyTrainer:
         cfg.validate()
         self.cfg = cfg
         self.device = _resolve_device(cfg)
-        self._owns_pg = _maybe_init_distributed(str(self.device))
-        self.rank, self.world = _world()
+        self._owns_pg = maybe_init(str(self.device))
+        self.rank, self.world = dist_world()
         if cfg.fsdp and self.world < 2:
             raise ValueError("fsdp: FSDP2 sharding needs a torchrun launch with >= 2 processes "
                              "(torchrun --nproc-per-node N prefcore train-policy --fsdp true …)")
@@ -296,17 +276,9 @@ class PolicyTrainer:
         """FSDP2: ``fully_shard`` every decoder layer and then the root (policy + value head; the
         embeddings, final norm and LM head live in the root's group), same for the reference. Sampling
         runs inside the root's forward (``PolicyWithValue(..., sample=…)``), so the hooks gather what it reads."""
-        from torch.distributed.fsdp import fully_shard
-
         for module in (self.module, self.ref_module):
-            if module is None:
-                continue
-            layers = getattr(trunk_and_head(module.model)[0], "layers", None)
-            if not isinstance(layers, nn.ModuleList):
-                raise ValueError("fsdp: the model's trunk has no `layers` ModuleList of decoder blocks to shard")
-            for layer in layers:
-                fully_shard(layer)
-            fully_shard(module)
+            if module is not None:
+                shard_decoder_layers(module, trunk_and_head(module.model)[0])
 
     def _module_state(self) -> tuple[dict, dict]:
         if not self.fsdp:
@@ -436,7 +408,7 @@ class PolicyTrainer:
         all-reduced in float64; unbiased σ²)."""
         m = mask.to(torch.float64)
         a = adv.to(torch.float64)
-        stats = _allreduce(torch.stack([m.sum(), (a * m).sum(), (a * a * m).sum()]), self.world)
+        stats = all_reduce_sum(torch.stack([m.sum(), (a * m).sum(), (a * a * m).sum()]), self.world)
         n, s, ss = stats.tolist()
         if n < 2:
             raise ValueError(f"whiten_advantages: needs at least 2 valid tokens in the step, got {int(n)}")
@@ -475,7 +447,7 @@ class PolicyTrainer:
         except ValueError as exc:
             failure = exc
         if self.world > 1:  # every rank stops together (no rank left waiting in a collective)
-            failed = _allreduce(torch.tensor([0.0 if failure is None else 1.0]), self.world)
+            failed = all_reduce_sum(torch.tensor([0.0 if failure is None else 1.0]), self.world)
             if failed.item() > 0 and failure is None:
                 raise ValueError("reward: the reward failed on another rank (its error names the prompt)")
         if failure is not None:
@@ -504,7 +476,7 @@ class PolicyTrainer:
                              "prompts": prompts, "completions": completions}
 
         # step-wide normaliser (all micro-batches, all ranks)
-        counts = _allreduce(torch.tensor([float(mask.sum()), float(mask.shape[0])], dtype=torch.float64), self.world)
+        counts = all_reduce_sum(torch.tensor([float(mask.sum()), float(mask.shape[0])], dtype=torch.float64), self.world)
         denom = agg_denominator(cfg.loss_agg_mode, counts[0].item(), counts[1].item(), cfg.max_completion_length)
         scale = self.world / denom  # DDP averages gradients over ranks
         runner = self.ddp if self.ddp is not None else self.module
@@ -565,7 +537,7 @@ class PolicyTrainer:
             for t in QUANTILE_LEVELS:
                 local.append(qs[t].sum())
                 names.append(f"q{t}")
-        tot = dict(zip(names, _allreduce(torch.tensor([float(x) for x in local], dtype=torch.float64),
+        tot = dict(zip(names, all_reduce_sum(torch.tensor([float(x) for x in local], dtype=torch.float64),
                                          self.world).tolist()))
         n, ntok = tot["n"], max(1.0, tot["tok"])
         var = (tot["rr"] - tot["r"] ** 2 / n) / (n - 1) if n > 1 else 0.0

@@ -37,11 +37,16 @@ adapter load, so the run can be moved and the original backbone deleted; ``adapt
 only, for reference); ``heads.safetensors`` + ``heads.json``; ``config.json``; ``metrics.jsonl``;
 ``reward_stats.json`` (the training rewards' mean/std); ``report.json`` (held-out pairwise
 accuracy, or the frozen path's report for the ratings methods), and during training
-``finetune_checkpoint.pt`` (atomic; ``--resume`` continues exactly, see :func:`optimize`). Not yet:
-torchrun/FSDP2 fine-tuning (refused with a one-line error).
+``finetune_checkpoint.pt`` (atomic; ``--resume`` continues exactly, see :func:`optimize`). 
+**Under torchrun** (several processes) the backbone trains with DDP, or with FSDP2 (``--fsdp``:
+``fully_shard`` per decoder layer, then the root); the heads stay replicated. Each optimizer step
+covers ``per_device_train_batch_size × gradient_accumulation_steps × processes`` rows and equals
+the one-process step over the same rows (:func:`optimize`); rank 0 logs, checkpoints, evaluates
+and writes the run directory.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -163,35 +168,75 @@ def _pair_batch(pairs: TokenizedPairs, idx: Sequence[int], device: torch.device)
     return [tuple(t.to(device) for t in seg) for seg in collate_pairs(rows, pad_id=0)]
 
 
-def pair_rewards(backbone: nn.Module, heads: nn.ModuleDict, pairs: TokenizedPairs, idx: Sequence[int],
-                 packing: str, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r_chosen, r_rejected)`` ``(B,)`` float32 of the pairs ``idx`` (with gradients)."""
-    from prefcore.models.packing import pair_features
+class Encoder(nn.Module):
+    """The module DDP and FSDP2 wrap: the backbone's pooled last-token features of a text batch
+    (``forward("texts", ids, mask)`` → ``(B, H)``) or of a pair batch (``forward(packing, p, c, r)``
+    → ``(chosen (B, H), rejected (B, H))``, :func:`prefcore.models.packing.pair_features`). The
+    backbone is called through this module's ``forward``, so the wrappers' hooks (gradient
+    all-reduce, parameter all-gather) see every call."""
 
-    device = next(backbone.parameters()).device
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, kind: str, *batch: object):
+        from prefcore.models.packing import pair_features, transformers_base
+        from prefcore.models.pooling import pooled_features
+
+        if kind == "texts":
+            ids, mask = batch
+            return pooled_features(transformers_base(self.backbone), ids, mask, "last")
+        f = pair_features(self.backbone, *batch, packing=kind)
+        return f.chosen, f.rejected
+
+
+def as_encoder(model: nn.Module) -> nn.Module:
+    """``model`` when it already is an :class:`Encoder` (or a DDP wrapper of one), else a new
+    :class:`Encoder` around the backbone ``model``."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return model if isinstance(inner, Encoder) else Encoder(model)
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device  # a DTensor (FSDP2) reports its local device
+
+
+def pair_rewards(encoder: nn.Module, heads: nn.ModuleDict, pairs: TokenizedPairs, idx: Sequence[int],
+                 packing: str, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r_chosen, r_rejected)`` ``(B,)`` float32 of the pairs ``idx`` (with gradients);
+    ``encoder``: a backbone, an :class:`Encoder` or its DDP/FSDP2 wrapper."""
+    encoder = as_encoder(encoder)
+    device = _device(encoder)
     p, c, r = _pair_batch(pairs, idx, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        feats = pair_features(backbone, p, c, r, packing=packing)
+        chosen, rejected = encoder(packing, p, c, r)
     head = lambda x: heads["scalar"](heads["trunk"](x.float()))  # noqa: E731
-    return head(feats.chosen), head(feats.rejected)
+    return head(chosen), head(rejected)
 
 
 def finetune_reward_model(cfg) -> dict:
     """Fine-tune ``cfg.backbone`` with a ``cfg.method`` head on ``cfg.data`` into ``cfg.out``
-    (module docstring); returns the held-out report (also ``OUT/report.json``)."""
+    (module docstring); returns the held-out report (also ``OUT/report.json``; under torchrun
+    rank 0 evaluates and writes, the other ranks return ``{}``)."""
+    if not os.path.isfile(cfg.data):
+        raise FileNotFoundError(f"data must be an existing JSONL/Parquet pairs file, got {cfg.data!r}")
+    par = start_parallel(cfg)
+    try:
+        return _finetune(cfg, par)
+    finally:
+        par.close()
+
+
+def _finetune(cfg, par: Parallel) -> dict:
     from prefcore.data.batching import pair_length
     from prefcore.models.packing import resolve_packing
     from prefcore.train.rm.sources import _load, data_kind, load_text_encoder
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("--finetune under torchrun (several processes) is not supported yet; run one process")
-    if not os.path.isfile(cfg.data):
-        raise FileNotFoundError(f"data must be an existing JSONL/Parquet pairs file, got {cfg.data!r}")
     kind = data_kind(cfg)
     ds = _load(cfg.data, cfg.data_format, kind, cfg)
     backbone, tokenizer = load_text_encoder(cfg.backbone)
     if kind != "pairs":
-        return _finetune_ratings(cfg, ds, kind, backbone, tokenizer)
+        return _finetune_ratings(cfg, ds, kind, backbone, tokenizer, par)
     records = list(ds.records)
     pairs, kept, counts = tokenize_pairs(tokenizer, records, cfg.max_length, cfg.too_long, cfg.method)
 
@@ -205,29 +250,35 @@ def finetune_reward_model(cfg) -> dict:
 
     backbone, hc, heads = prepare_model(cfg, backbone)
     choice = resolve_packing(cfg.packing, backbone)
+    encoder = Encoder(backbone)
+    runner = wrap_encoder(par, encoder)
 
-    step_pairs = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    step_pairs = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * par.world
     lengths = [pair_length(pairs.prompt[i], pairs.chosen[i], pairs.rejected[i], choice.mode) for i in train_idx]
-    total = total_steps(cfg, len(train_idx))
+    total = total_steps(cfg, len(train_idx), par.world)
 
-    log, resume = start_run_dir(cfg)
+    log, resume = start_run_dir(cfg, par)
     trunc = counts["truncation"]
-    print(f"prefcore train-rm [{cfg.method}, finetune {cfg.finetune}]: {len(records)} pairs, {n - n_test} train / "
-          f"{n_test} held out; {choice.reason}; {trunc}; pairs whose split tokenization differs from the "
-          f"whole text: {counts['split_tokenization_mismatch']}; {total} steps of {step_pairs} pairs", flush=True)
+    if par.rank == 0:
+        print(f"prefcore train-rm [{cfg.method}, finetune {cfg.finetune}{par_note(par)}]: {len(records)} pairs, "
+              f"{n - n_test} train / {n_test} held out; {choice.reason}; {trunc}; pairs whose split tokenization "
+              f"differs from the whole text: {counts['split_tokenization_mismatch']}; {total} steps of {step_pairs} "
+              "pairs", flush=True)
 
     margin = pairs.margin
 
     def micro_loss(part: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-        r_c, r_r = pair_rewards(backbone, heads, pairs, part, choice.mode, cfg.bf16)
+        r_c, r_r = pair_rewards(runner, heads, pairs, part, choice.mode, cfg.bf16)
         m = margin[part] if (cfg.method == "bt-margin" and margin is not None) else 0.0
         per_pair = -torch.nn.functional.logsigmoid(r_c - r_r - m)
         if cfg.center_rewards_coefficient:
             per_pair = per_pair + cfg.center_rewards_coefficient * 0.5 * (r_c ** 2 + r_r ** 2)
         return per_pair.mean(), {"accuracy": float((r_c > r_r).float().mean())}
 
-    optimize(cfg, backbone, heads, train_idx, lengths, micro_loss, log, total, resume)
-
+    optimize(cfg, encoder, runner, heads, train_idx, lengths, micro_loss, log, total, resume, par)
+    backbone = final_backbone(cfg, par, encoder, backbone)
+    if backbone is None:
+        return {}  # rank 0 evaluates and writes the run directory
     backbone.eval()
     heads.eval()
     report = {"method": cfg.method, "finetune": cfg.finetune, "num_eval_pairs": n_test,
@@ -261,28 +312,58 @@ def prepare_model(cfg, backbone: nn.Module, extra: dict | None = None) -> tuple[
     return backbone, hc, build_heads(hc)
 
 
-def start_run_dir(cfg) -> tuple[MetricsLog, dict | None]:
-    """``(metrics log, checkpoint to resume from or None)``. A new run clears what an older run
-    left in ``OUT``; ``--resume`` checks that the settings and data are those of the checkpointed
-    run and cuts the metrics log back to the checkpoint's step."""
+def par_note(par: Parallel) -> str:
+    return "" if par.world == 1 else f", {par.mode.upper()} over {par.world} processes"
+
+
+def final_backbone(cfg, par: Parallel, encoder: Encoder, backbone: nn.Module, extra: dict | None = None):
+    """The trained backbone as a plain (unsharded) module on rank 0, None on the other ranks.
+    Under FSDP2 the full weights are gathered (a collective) into a backbone rank 0 loads again
+    from ``cfg.backbone`` and prepares as before (LoRA)."""
+    if par.mode != "fsdp":
+        return backbone if par.rank == 0 else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from prefcore.train.rm.sources import load_text_encoder
+
+    full = get_model_state_dict(encoder, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if par.rank != 0:
+        return None
+    fresh, _ = prepare_model(cfg, load_text_encoder(cfg.backbone)[0], extra)[:2]
+    Encoder(fresh).load_state_dict(full)
+    return fresh
+
+
+def start_run_dir(cfg, par: Parallel | None = None) -> tuple[MetricsLog | None, dict | None]:
+    """``(metrics log, checkpoint to resume from or None)``; the log is None on ranks other than
+    0 (rank 0 writes). A new run clears what an older run left in ``OUT``; ``--resume`` checks that
+    the settings and data are those of the checkpointed run and cuts the metrics log back to the
+    checkpoint's step; every rank reads the checkpoint."""
     from prefcore.train.rm.trainer import _saved_config, check_resume_config
 
+    par = par or Parallel()
     config_path = os.path.join(cfg.out, "config.json")
-    log = MetricsLog(os.path.join(cfg.out, METRICS))
+    log = MetricsLog(os.path.join(cfg.out, METRICS)) if par.rank == 0 else None
+    state = None
     if cfg.resume:
         path = os.path.join(cfg.out, FINETUNE_CHECKPOINT)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"resume: no {FINETUNE_CHECKPOINT} in {cfg.out!r} (start without --resume)")
         check_resume_config(cfg, config_path)
         state = torch.load(path, map_location="cpu", weights_only=False)
-        log.truncate_after(lambda rec: rec.get("stage") == "finetune" and rec["step"] <= state["step"])
-        return log, state
-    os.makedirs(cfg.out, exist_ok=True)
-    for stale in ("checkpoint.pt", FINETUNE_CHECKPOINT, METRICS, "report.json"):
-        if os.path.exists(os.path.join(cfg.out, stale)):
-            os.remove(os.path.join(cfg.out, stale))
-    atomic_write_json(config_path, _saved_config(cfg))
-    return log, None
+        if state.get("world", 1) != par.world:
+            raise ValueError(f"resume: the checkpoint was written by {state.get('world', 1)} process(es); resume "
+                             f"it with as many (this run has {par.world}): the data order depends on it")
+        if log is not None:
+            log.truncate_after(lambda rec: rec.get("stage") == "finetune" and rec["step"] <= state["step"])
+    elif par.rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        for stale in ("checkpoint.pt", FINETUNE_CHECKPOINT, METRICS, "report.json"):
+            if os.path.exists(os.path.join(cfg.out, stale)):
+                os.remove(os.path.join(cfg.out, stale))
+        atomic_write_json(config_path, _saved_config(cfg))
+    par.barrier()
+    return log, state
 
 
 def finish_run_dir(cfg, backbone: nn.Module, tokenizer, heads: nn.ModuleDict, hc: dict, report: dict,
@@ -312,8 +393,8 @@ class LiveFeatures:
     ``idx``, computed now (with gradients when enabled): lets the frozen path's losses
     (:func:`prefcore.train.rm.methods.stages`) train the backbone too."""
 
-    def __init__(self, backbone: nn.Module, rows: list[list[int]], hidden: int, bf16: bool):
-        self.backbone, self.rows, self.bf16 = backbone, rows, bf16
+    def __init__(self, encoder: nn.Module, rows: list[list[int]], hidden: int, bf16: bool):
+        self.encoder, self.rows, self.bf16 = as_encoder(encoder), rows, bf16
         self.shape = (len(rows), hidden)
 
     def dim(self) -> int:
@@ -321,14 +402,12 @@ class LiveFeatures:
 
     def __getitem__(self, idx) -> torch.Tensor:
         from prefcore.data.batching import pad_rows
-        from prefcore.models.packing import transformers_base
-        from prefcore.models.pooling import pooled_features
 
         idx = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
-        device = next(self.backbone.parameters()).device
+        device = _device(self.encoder)
         ids, mask = pad_rows([self.rows[i] for i in idx], 0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            f = pooled_features(transformers_base(self.backbone), ids.to(device), mask.to(device).bool(), "last")
+            f = self.encoder("texts", ids.to(device), mask.to(device).bool())
         return f.float()
 
     @torch.no_grad()
@@ -364,7 +443,7 @@ def tokenize_texts(tokenizer, texts: Sequence[tuple[str, str]], max_length: int,
     return rows, kept, stats.message(max_length, too_long)
 
 
-def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer) -> dict:
+def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer, par: Parallel) -> dict:
     """gmm and mean-var: the frozen path's losses (fused ``gmm_nll``; the Gaussian NLL) on live
     features of the backbone being trained; evaluation as the frozen path's, on the fine-tuned
     model's held-out features."""
@@ -393,25 +472,31 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer) -> dic
     extra = {"num_attributes": len(names), "prompt_features": hidden, "non_crossing": bool(cfg.non_crossing),
              "attribute_names": list(names)} if qrm else None
     backbone, hc, heads = prepare_model(cfg, backbone, extra)
-    live = LiveFeatures(backbone, rows, hidden, cfg.bf16)
+    encoder = Encoder(backbone)
+    runner = wrap_encoder(par, encoder)
+    live = LiveFeatures(runner, rows, hidden, cfg.bf16)
     train = RatingsData(live, scores, mask, names)  # the stage losses index features[idx] by item
     stage = quantile_stage(heads, train, 0) if qrm else stages(cfg.method, heads, RMData(ratings=train), cfg)[0]
     batch_loss = stage.batch_loss
     lengths = [len(rows[i]) for i in train_idx]
-    total = total_steps(cfg, len(train_idx))
-    log, resume = start_run_dir(cfg)
-    print(f"prefcore train-rm [{cfg.method}, finetune {cfg.finetune}]: {len(records)} rated texts, {n - n_test} train / "
-          f"{n_test} held out; {trunc}; {total} steps of {cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps} "
-          "texts", flush=True)
+    total = total_steps(cfg, len(train_idx), par.world)
+    log, resume = start_run_dir(cfg, par)
+    if par.rank == 0:
+        rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * par.world
+        print(f"prefcore train-rm [{cfg.method}, finetune {cfg.finetune}{par_note(par)}]: {len(records)} rated texts, "
+              f"{n - n_test} train / {n_test} held out; {trunc}; {total} steps of {rows_per_step} texts", flush=True)
 
     def micro_loss(part: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         loss, metrics = batch_loss(torch.tensor(part))
         return loss, metrics
 
-    optimize(cfg, backbone, heads, train_idx, lengths, micro_loss, log, total, resume)
+    optimize(cfg, encoder, runner, heads, train_idx, lengths, micro_loss, log, total, resume, par)
+    backbone = final_backbone(cfg, par, encoder, backbone, extra)
+    if backbone is None:
+        return {}  # rank 0 evaluates and writes the run directory
     backbone.eval()
     heads.eval()
-    feats = live.all()
+    feats = LiveFeatures(backbone, rows, hidden, cfg.bf16).all()
     prompt_feats = LiveFeatures(backbone, prompt_rows(tokenizer, [r.prompt for r in records], cfg.max_length, kept),
                                 hidden, False).all() if qrm else None
     split = lambda idx: RatingsData(feats[idx], scores[idx], mask[idx], names,  # noqa: E731
@@ -478,65 +563,180 @@ def _pair_features(cfg, pairs_ds, backbone: nn.Module, tokenizer, hidden: int):
     return data.subset(perm[n_test:]), data.subset(perm[:n_test])
 
 
-def total_steps(cfg, n_train: int) -> int:
+def total_steps(cfg, n_train: int, world: int = 1) -> int:
     """``max_steps``, else ``num_train_epochs`` epochs of ``n_train`` rows: an epoch is as many
-    steps as the length-grouped sampler yields, ``ceil(n_train / rows per step)``."""
+    steps as the length-grouped sampler yields, ``ceil(n_train / rows per step)`` (rows per step
+    over all ``world`` processes)."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    per_epoch = -(-n_train // (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps))
+    per_epoch = -(-n_train // (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world))
     return max(1, math.ceil(cfg.num_train_epochs * per_epoch))
 
 
 FINETUNE_CHECKPOINT = "finetune_checkpoint.pt"
 
 
-def optimize(cfg, backbone: nn.Module, heads: nn.Module, train_idx: Sequence[int], lengths: Sequence[int],
-             micro_loss: Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]], log: MetricsLog,
-             total: int, resume: dict | None = None) -> None:
-    """The optimisation loop shared by every method: ``total`` AdamW steps (two parameter groups,
-    warm-up + decay), each over ``per_device_train_batch_size × gradient_accumulation_steps`` rows
-    of ``train_idx`` from a length-grouped sampler (``lengths[j]`` pads row ``train_idx[j]``);
-    ``micro_loss(rows)`` is the mean loss of one micro-batch and its metrics; the step's loss is
-    the mean over its rows. Logs every ``log_every`` steps; calls :data:`AFTER_STEP`.
+@dataclass
+class Parallel:
+    """How this process takes part in fine-tuning: ``mode`` ``single`` (one process), ``ddp`` or
+    ``fsdp`` (torchrun); ``rank`` of ``world``; ``own_group``: this run created the process group."""
+
+    mode: str = "single"
+    rank: int = 0
+    world: int = 1
+    own_group: bool = False
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def start_parallel(cfg) -> Parallel:
+    """Join torchrun's process group (gloo on CPU, nccl on CUDA) when launched with several processes."""
+    from prefcore.train.distributed import maybe_init, world
+
+    own = maybe_init(cfg.device)
+    rank, size = world()
+    return Parallel("fsdp" if cfg.fsdp else "ddp" if size > 1 else "single", rank, size, own)
+
+
+def wrap_encoder(par: Parallel, encoder: Encoder) -> nn.Module:
+    """What the training steps call: ``encoder`` itself (one process), its DDP wrapper, or
+    ``encoder`` sharded in place with FSDP2 (``fully_shard`` per decoder layer, then the encoder).
+    The heads are small and stay replicated; :func:`optimize` all-reduces their gradients."""
+    if par.mode == "fsdp":
+        from prefcore.models.packing import transformers_base
+        from prefcore.train.distributed import shard_decoder_layers
+
+        shard_decoder_layers(encoder, transformers_base(encoder.backbone))
+        return encoder
+    if par.mode == "ddp":
+        device = _device(encoder)
+        return nn.parallel.DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
+    return encoder
+
+
+def _grad_norm(backbone_grads: list[torch.Tensor], head_grads: list[torch.Tensor], par: Parallel) -> float:
+    """The global L2 norm of every gradient: FSDP2's backbone gradients are shards (summed over
+    ranks), the heads' are replicated (counted once)."""
+    sq = torch.zeros((), dtype=torch.float64)
+    for g in backbone_grads:
+        local = g.to_local() if hasattr(g, "to_local") else g
+        sq += torch.linalg.vector_norm(local.float()).double().cpu() ** 2
+    if par.mode == "fsdp":
+        import torch.distributed as dist
+
+        dist.all_reduce(sq)
+    for g in head_grads:
+        sq += torch.linalg.vector_norm(g.float()).double().cpu() ** 2
+    return float(sq.sqrt())
+
+
+def _checkpoint_state(par: Parallel, encoder: nn.Module, opt_backbone) -> tuple[dict, dict]:
+    """The encoder's and its optimizer's full (unsharded) state; a collective under FSDP2 (rank 0
+    receives the tensors, on CPU)."""
+    if par.mode != "fsdp":
+        return encoder.state_dict(), opt_backbone.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(encoder, options=opts), get_optimizer_state_dict(encoder, opt_backbone, options=opts)
+
+
+def _load_encoder_state(par: Parallel, encoder: nn.Module, opt_backbone, model_sd: dict, optim_sd: dict) -> None:
+    if par.mode != "fsdp":
+        encoder.load_state_dict(model_sd)
+        opt_backbone.load_state_dict(optim_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(encoder, model_sd, options=opts)
+    set_optimizer_state_dict(encoder, opt_backbone, optim_sd, options=opts)
+
+
+def optimize(cfg, encoder: Encoder, runner: nn.Module, heads: nn.Module, train_idx: Sequence[int],
+             lengths: Sequence[int], micro_loss: Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]],
+             log: MetricsLog | None, total: int, resume: dict | None = None, par: Parallel | None = None) -> None:
+    """The optimisation loop shared by every method: ``total`` AdamW steps (backbone at
+    ``learning_rate``, heads at ``head_learning_rate``; warm-up + decay), each over
+    ``per_device_train_batch_size × gradient_accumulation_steps × world`` rows of ``train_idx``
+    from a length-grouped sampler (``lengths[j]`` pads row ``train_idx[j]``; every process draws
+    the same batches); ``micro_loss(rows)`` is the mean loss of one micro-batch and its metrics,
+    run through ``runner`` (``encoder`` or its DDP/FSDP2 form). The step's loss is the mean over
+    all its rows, whichever process and micro-batch computed them, so a run over N processes
+    takes the steps of the one-process run with N times the accumulation (up to rounding).
+
+    Under torchrun each process takes every ``world``-th row of the step's batch, in as many
+    micro-batches as the fullest process needs (a process with no rows left runs a zero-weight
+    micro-batch, so every process joins each collective); DDP/FSDP2 average the backbone's
+    gradients once per step, the heads' are all-reduced here; metrics are summed over processes
+    and rank 0 logs them (``log`` is None elsewhere).
 
     Every ``checkpoint_every`` steps and after the last, ``OUT/finetune_checkpoint.pt`` is written
-    atomically: backbone (or LoRA model) and head weights, optimizer, scheduler, RNG, and the
-    position in the data order (epoch and batches done; the order is a function of seed and
-    epoch). ``resume`` (such a checkpoint) restores all of it, so the run ends as the
-    uninterrupted run would."""
+    atomically by rank 0: encoder (backbone or LoRA model, unsharded) and head weights, both
+    optimizers, schedulers, RNG, and the position in the data order (epoch and batches done; the
+    order is a function of seed and epoch). ``resume`` (such a checkpoint) restores all of it, so
+    the run ends as the uninterrupted run would. Calls :data:`AFTER_STEP` after each step."""
+    from prefcore._io import atomic_torch_save
     from prefcore.data.batching import LengthGroupedBatchSampler
+    from prefcore.train.distributed import all_reduce_sum
 
+    par = par or Parallel()
     micro = cfg.per_device_train_batch_size
-    sampler = LengthGroupedBatchSampler(lengths, micro * cfg.gradient_accumulation_steps, shuffle=True, seed=cfg.seed)
+    sampler = LengthGroupedBatchSampler(lengths, micro * cfg.gradient_accumulation_steps * par.world, shuffle=True,
+                                        seed=cfg.seed)
     warmup = int(cfg.warmup_ratio * total)
-    groups = [{"params": [p for p in backbone.parameters() if p.requires_grad], "lr": cfg.learning_rate},
-              {"params": list(heads.parameters()), "lr": cfg.head_learning_rate}]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.lr_scheduler_type, warmup, total))
-    params = [p for g in groups for p in g["params"]]
+    backbone_params = [p for p in encoder.parameters() if p.requires_grad]
+    head_params = list(heads.parameters())
+    # two optimizers (same maths as one with two groups): FSDP2's state-dict API takes the
+    # optimizer of the sharded module alone
+    opt_b = torch.optim.AdamW(backbone_params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    opt_h = torch.optim.AdamW(head_params, lr=cfg.head_learning_rate, weight_decay=cfg.weight_decay)
+    lam = _lr_lambda(cfg.lr_scheduler_type, warmup, total)
+    sched_b, sched_h = (torch.optim.lr_scheduler.LambdaLR(o, lam) for o in (opt_b, opt_h))
     bar = None
-    if cfg.progress:
+    if cfg.progress and par.rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc=f"train-rm {cfg.method} ({cfg.finetune})", leave=False)
     step, epoch, skip = 0, 0, 0
     if resume is not None:
-        backbone.load_state_dict(resume["backbone"])
+        _load_encoder_state(par, encoder, opt_b, resume["encoder"], resume["optimizer"])
         heads.load_state_dict(resume["heads"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
+        opt_h.load_state_dict(resume["head_optimizer"])
+        sched_b.load_state_dict(resume["scheduler"])
+        sched_h.load_state_dict(resume["head_scheduler"])
         torch.set_rng_state(resume["rng"])
         step, epoch, skip = int(resume["step"]), int(resume["epoch"]), int(resume["batches_in_epoch"])
         if bar is not None:
             bar.update(step)
 
     def checkpoint(batches_in_epoch: int) -> None:
-        from prefcore._io import atomic_torch_save
-
-        atomic_torch_save(os.path.join(cfg.out, FINETUNE_CHECKPOINT), {
-            "step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "total": total,
-            "backbone": backbone.state_dict(), "heads": heads.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "rng": torch.get_rng_state()})
+        model_sd, optim_sd = _checkpoint_state(par, encoder, opt_b)  # every rank (a collective under FSDP2)
+        if par.rank == 0:
+            atomic_torch_save(os.path.join(cfg.out, FINETUNE_CHECKPOINT), {
+                "step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "total": total,
+                "world": par.world, "encoder": model_sd, "optimizer": optim_sd, "heads": heads.state_dict(),
+                "head_optimizer": opt_h.state_dict(), "scheduler": sched_b.state_dict(),
+                "head_scheduler": sched_h.state_dict(), "rng": torch.get_rng_state()})
+        par.barrier()
 
     while step < total:
         sampler.set_epoch(epoch)
@@ -547,27 +747,52 @@ def optimize(cfg, backbone: nn.Module, heads: nn.Module, train_idx: Sequence[int
                 break
             t0 = time.perf_counter()
             ids = [train_idx[j] for j in batch]
-            opt.zero_grad(set_to_none=True)
+            mine = ids[par.rank::par.world]
+            n_micro = -(-(-(-len(ids) // par.world)) // micro)  # the fullest process's micro-batches
+            opt_b.zero_grad(set_to_none=True)
+            opt_h.zero_grad(set_to_none=True)
             loss_sum, sums = 0.0, {}
-            for k in range(0, len(ids), micro):
-                part = ids[k:k + micro]
-                loss, metrics = micro_loss(part)
-                w = len(part) / len(ids)
-                (loss * w).backward()
-                loss_sum += float(loss.detach()) * w
+            for k in range(n_micro):
+                part = mine[k * micro:(k + 1) * micro]
+                weight = len(part) / len(ids)  # this micro-batch's share of the step's mean
+                last = k == n_micro - 1
+                if par.mode == "fsdp":
+                    runner.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext() if last or par.mode != "ddp" else runner.no_sync()
+                with sync:
+                    loss, metrics = micro_loss(part or ids[:1])  # no rows left: a zero-weight pass
+                    # DDP/FSDP2 average over processes: scale each process's share back up
+                    (loss * (weight * par.world)).backward()
+                loss_sum += float(loss.detach()) * weight
                 for key, v in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + v * w
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
-            opt.step()
-            sched.step()
+                    sums[key] = sums.get(key, 0.0) + v * weight
+            head_grads = [p.grad for p in head_params if p.grad is not None]
+            if par.world > 1 and head_grads:
+                flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in head_grads]), par.world) / par.world
+                offset = 0
+                for g in head_grads:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+            backbone_grads = [p.grad for p in backbone_params if p.grad is not None]
+            grad_norm = _grad_norm(backbone_grads, head_grads, par)
+            if cfg.max_grad_norm > 0 and grad_norm > cfg.max_grad_norm:
+                coef = cfg.max_grad_norm / (grad_norm + 1e-6)
+                for g in backbone_grads + head_grads:
+                    g.mul_(coef)
+            opt_b.step()
+            opt_h.step()
+            sched_b.step()
+            sched_h.step()
             step += 1
+            keys = sorted(sums)
+            totals = all_reduce_sum(torch.tensor([loss_sum] + [sums[k_] for k_ in keys], dtype=torch.float64),
+                                    par.world).tolist()
             if AFTER_STEP is not None:
                 AFTER_STEP(step)
-            if step % cfg.log_every == 0 or step == total:
-                log.write({"stage": "finetune", "step": step, "loss": loss_sum, **sums, "grad_norm": grad_norm,
-                           "lr": opt.param_groups[0]["lr"], "head_lr": opt.param_groups[1]["lr"],
-                           "step_time": time.perf_counter() - t0})
+            if log is not None and (step % cfg.log_every == 0 or step == total):
+                log.write({"stage": "finetune", "step": step, "loss": totals[0], **dict(zip(keys, totals[1:])),
+                           "grad_norm": grad_norm, "lr": opt_b.param_groups[0]["lr"],
+                           "head_lr": opt_h.param_groups[0]["lr"], "step_time": time.perf_counter() - t0})
             if step % cfg.checkpoint_every == 0 or step == total:
                 checkpoint(b_i + 1)
             if bar is not None:

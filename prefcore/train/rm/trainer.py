@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from prefcore._io import atomic_save_safetensors, atomic_write_json
+from prefcore.train.distributed import launched_world_size
 from prefcore.train.loop import METRICS, LoopConfig, MetricsLog, load_checkpoint, run_stage
 from prefcore.train.rm.sources import DATA_FORMATS, PAIR_FORMATS
 
@@ -113,6 +114,8 @@ class TrainRMConfig:
                                                                              "comma-separated list of module names"})
     packing: str = field(default="auto", metadata={"help": "finetune: pair forward — packed (prompt encoded once), "
                                                            "plain (two sequences) or auto", "choices": PACKING})
+    fsdp: bool = field(default=False, metadata={"help": "finetune under torchrun: shard the backbone with FSDP2 "
+                                                        "(fully_shard per decoder layer); without it, DDP"})
     too_long: str = field(default="truncate", metadata={"help": "finetune: a pair over max_length is truncated "
                                                                 "(prompt cut from the left) or dropped",
                                                         "choices": TOO_LONG})
@@ -165,8 +168,13 @@ def check_finetune_settings(cfg: TrainRMConfig) -> None:
                           ("too_long", TOO_LONG)):
         if getattr(cfg, name) not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
+    if cfg.fsdp and cfg.finetune == "none":
+        raise ValueError("--fsdp shards a backbone being fine-tuned: use it with --finetune lora|full")
     if cfg.finetune == "none":
         return
+    if cfg.fsdp and launched_world_size() < 2:
+        raise ValueError("--fsdp needs a torchrun launch with >= 2 processes (torchrun --nproc-per-node N "
+                         "prefcore train-rm --finetune … --fsdp true)")
     if cfg.method not in FINETUNE_METHODS:
         raise ValueError(f"--finetune {cfg.finetune} trains {', '.join(FINETUNE_METHODS)} today; method "
                          f"{cfg.method!r} trains its heads on frozen features (--finetune none)")
