@@ -182,6 +182,7 @@ def test_bt_margin_finetunes_with_vote_margins(world, tmp_path):
     (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be an integer >= 1"),
     (["--warmup_ratio", "1.5"], "warmup_ratio must lie in [0, 1)"),
     (["--too_long", "drop", "--max_length", "3"], "every pair is longer than max_length=3"),
+    (["--device", "tpu"], "device must be 'cpu', 'cuda' or 'cuda:N'"),
 ])
 def test_bad_settings_are_one_line_exit_2_and_leave_nothing(world, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
@@ -198,6 +199,13 @@ def test_bad_settings_are_one_line_exit_2_and_leave_nothing(world, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("prefcore train-rm: error:") and message in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_cuda_device_without_cuda_is_one_line(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert finetune(world, out, "full", "--max_steps", "1", "--device", "cuda") == 2
+    assert "CUDA is not available" in capsys.readouterr().err and not out.exists()
 
 
 def test_a_crash_and_resume_end_exactly_as_the_uninterrupted_run(world, tmp_path, monkeypatch, capsys):
@@ -250,3 +258,31 @@ def test_lora_without_peft_names_the_package(world, tmp_path, capsys, monkeypatc
                  str(world.backbone), "--out", str(out), "--progress", "false"]) == 2
     err = capsys.readouterr().err
     assert "needs peft: pip install 'prefcore[lora]'" in err and not out.exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["bt", "qrm"])
+def test_cuda_finetuning_equals_the_cpu_run(world, tmp_path, method):
+    """``--device cuda``: the same steps as on the CPU (fp32; loss per step and saved weights within
+    1e-3 — GPU kernels round differently), and the run directory scores on the CPU."""
+    from safetensors.torch import load_file
+
+    from prefcore.train.rm.scoring import RunScorer
+
+    data = ["--data", str(world.pairs)] if method == "bt" else ["--data", str(world.ratings), "--pairs",
+                                                                  str(world.pairs), "--gate_steps", "5"]
+    runs = {}
+    for device in ("cpu", "cuda"):
+        runs[device] = tmp_path / device
+        assert main(["train-rm", "--method", method, "--finetune", "lora", *data, "--backbone", str(world.backbone),
+                     "--out", str(runs[device]), "--max_length", "48", "--max_steps", "3", "--device", device,
+                     "--learning_rate", "1e-3", "--trunk_layers", "0", "--log_every", "1", "--progress", "false"]) == 0
+    ma, mb = metrics(runs["cpu"]), metrics(runs["cuda"])
+    for a, b in zip([m for m in ma if m["stage"] == "finetune"], [m for m in mb if m["stage"] == "finetune"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-4)
+    for name in ("heads.safetensors", "backbone/model.safetensors"):
+        wa, wb = load_file(str(runs["cpu"] / name)), load_file(str(runs["cuda"] / name))
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4)
+    r = world.records[0]
+    assert torch.isfinite(RunScorer.load(str(runs["cuda"])).reward([r["prompt"]], [r["response"]])).all()

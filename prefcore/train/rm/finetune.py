@@ -234,7 +234,7 @@ def _finetune(cfg, par: Parallel) -> dict:
 
     kind = data_kind(cfg)
     ds = _load(cfg.data, cfg.data_format, kind, cfg)
-    backbone, tokenizer = load_text_encoder(cfg.backbone)
+    backbone, tokenizer = load_text_encoder(cfg.backbone, str(finetune_device(cfg)))
     if kind != "pairs":
         return _finetune_ratings(cfg, ds, kind, backbone, tokenizer, par)
     records = list(ds.records)
@@ -269,7 +269,7 @@ def _finetune(cfg, par: Parallel) -> dict:
 
     def micro_loss(part: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         r_c, r_r = pair_rewards(runner, heads, pairs, part, choice.mode, cfg.bf16)
-        m = margin[part] if (cfg.method == "bt-margin" and margin is not None) else 0.0
+        m = margin[part].to(r_c.device) if (cfg.method == "bt-margin" and margin is not None) else 0.0
         per_pair = -torch.nn.functional.logsigmoid(r_c - r_r - m)
         if cfg.center_rewards_coefficient:
             per_pair = per_pair + cfg.center_rewards_coefficient * 0.5 * (r_c ** 2 + r_r ** 2)
@@ -283,14 +283,21 @@ def _finetune(cfg, par: Parallel) -> dict:
     heads.eval()
     report = {"method": cfg.method, "finetune": cfg.finetune, "num_eval_pairs": n_test,
               **_evaluate(backbone, heads, pairs, test_idx, choice.mode)}
-    train_rewards = _rewards(backbone, heads, pairs, train_idx, choice.mode)
+    train_rewards = _rewards(backbone, heads, pairs, train_idx, choice.mode).cpu()
 
     finish_run_dir(cfg, backbone, tokenizer, heads, hc, report, train_rewards)
     return report
 
+def finetune_device(cfg) -> torch.device:
+    """Where fine-tuning runs: ``--device`` (``cuda`` = this process's ``LOCAL_RANK`` GPU)."""
+    if cfg.device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(cfg.device)
+
+
 def prepare_model(cfg, backbone: nn.Module, extra: dict | None = None) -> tuple[nn.Module, dict, nn.ModuleDict]:
-    """Train mode, dropout off, checkpointing, LoRA; the method's heads on the hidden size:
-    ``(backbone to train, head config, heads)``."""
+    """Train mode, dropout off, checkpointing, LoRA; the method's heads on the hidden size, on the
+    backbone's device: ``(backbone to train, head config, heads)``."""
     from prefcore.train.rm.methods import build_heads
 
     torch.manual_seed(cfg.seed)
@@ -309,7 +316,7 @@ def prepare_model(cfg, backbone: nn.Module, extra: dict | None = None) -> tuple[
     if cfg.method == "gmm":
         hc["k"] = int(cfg.k)
     hc.update(extra or {})
-    return backbone, hc, build_heads(hc)
+    return backbone, hc, build_heads(hc).to(_device(backbone))
 
 
 def par_note(par: Parallel) -> str:
@@ -329,7 +336,7 @@ def final_backbone(cfg, par: Parallel, encoder: Encoder, backbone: nn.Module, ex
     full = get_model_state_dict(encoder, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if par.rank != 0:
         return None
-    fresh, _ = prepare_model(cfg, load_text_encoder(cfg.backbone)[0], extra)[:2]
+    fresh, _ = prepare_model(cfg, load_text_encoder(cfg.backbone, str(finetune_device(cfg)))[0], extra)[:2]
     Encoder(fresh).load_state_dict(full)
     return fresh
 
@@ -373,6 +380,7 @@ def finish_run_dir(cfg, backbone: nn.Module, tokenizer, heads: nn.ModuleDict, hc
     from prefcore.train.rm.trainer import save_heads
 
     out = cfg.out
+    backbone, heads = backbone.cpu(), heads.cpu()
     if cfg.finetune == "lora":
         backbone.save_pretrained(os.path.join(out, "adapter"))
         merged = backbone.merge_and_unload()
@@ -475,7 +483,8 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer, par: P
     encoder = Encoder(backbone)
     runner = wrap_encoder(par, encoder)
     live = LiveFeatures(runner, rows, hidden, cfg.bf16)
-    train = RatingsData(live, scores, mask, names)  # the stage losses index features[idx] by item
+    device = _device(backbone)  # the stage losses index features[idx] and scores[idx] by item
+    train = RatingsData(live, scores.to(device), mask.to(device), names)
     stage = quantile_stage(heads, train, 0) if qrm else stages(cfg.method, heads, RMData(ratings=train), cfg)[0]
     batch_loss = stage.batch_loss
     lengths = [len(rows[i]) for i in train_idx]
@@ -496,15 +505,17 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer, par: P
         return {}  # rank 0 evaluates and writes the run directory
     backbone.eval()
     heads.eval()
-    feats = LiveFeatures(backbone, rows, hidden, cfg.bf16).all()
+    # the (now fixed) features on the CPU, where the frozen path's gating and evaluation run
+    feats = LiveFeatures(backbone, rows, hidden, cfg.bf16).all().cpu()
     prompt_feats = LiveFeatures(backbone, prompt_rows(tokenizer, [r.prompt for r in records], cfg.max_length, kept),
-                                hidden, False).all() if qrm else None
+                                hidden, False).all().cpu() if qrm else None
     split = lambda idx: RatingsData(feats[idx], scores[idx], mask[idx], names,  # noqa: E731
                                     prompt_features=None if prompt_feats is None else prompt_feats[idx])
     pairs_train = pairs_test = None
     if qrm:
         # stage 2 as on the frozen path: the gate on the fine-tuned model's (now fixed) features
         pairs_train, pairs_test = _pair_features(cfg, pairs_ds, backbone, tokenizer, hidden)
+        heads.cpu()
         from prefcore.train.loop import run_stage
 
         gate = gating_stage(heads, pairs_train, cfg.gate_steps)
@@ -513,6 +524,7 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer, par: P
         run_stage(gate.name, 1, heads, gate.params, gate.batch_loss, gate.n_items, cfg.loop_config(gate.steps),
                   cfg.out, done_stages=["quantile"], progress=cfg.progress)
         heads.eval()
+    heads.cpu()
     with torch.no_grad():
         test = RMData(ratings=split(torch.tensor(test_idx)), pairs=pairs_test)
         report = {"method": cfg.method, "finetune": cfg.finetune, **evaluate(cfg.method, heads, test, cfg)}
@@ -554,7 +566,7 @@ def _pair_features(cfg, pairs_ds, backbone: nn.Module, tokenizer, hidden: int):
     recs = list(pairs_ds.records)
     rows_c, _, _ = tokenize_texts(tokenizer, [(r.prompt, r.chosen) for r in recs], cfg.max_length, "truncate")
     rows_r, _, _ = tokenize_texts(tokenizer, [(r.prompt, r.rejected) for r in recs], cfg.max_length, "truncate")
-    feats = [LiveFeatures(backbone, rows, hidden, False).all() for rows in
+    feats = [LiveFeatures(backbone, rows, hidden, False).all().cpu() for rows in
              (rows_c, rows_r, prompt_rows(tokenizer, [r.prompt for r in recs], cfg.max_length))]
     data = PairsData(*feats)
     n = len(data)

@@ -61,7 +61,8 @@ class TrainRMConfig:
     backbone: str | None = field(default=None, metadata={"help": "local path of a transformers AutoModel (text data)"})
     max_length: int = field(default=256, metadata={"help": "tokens per text for feature extraction"})
     feature_batch_size: int = field(default=16, metadata={"help": "batch size of feature extraction"})
-    device: str = field(default="cpu", metadata={"help": "device of the backbone during feature extraction"})
+    device: str = field(default="cpu", metadata={"help": "device of the backbone: feature extraction, or where "
+                                                              "--finetune trains (cuda = the LOCAL_RANK GPU)"})
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/rm-<method>)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
     steps: int = field(default=600, metadata={"help": "optimisation steps (stage 1)"})
@@ -172,6 +173,10 @@ def check_finetune_settings(cfg: TrainRMConfig) -> None:
         raise ValueError("--fsdp shards a backbone being fine-tuned: use it with --finetune lora|full")
     if cfg.finetune == "none":
         return
+    if not (cfg.device == "cpu" or cfg.device == "cuda" or cfg.device.startswith("cuda:")):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' for --finetune, got {cfg.device!r}")
+    if cfg.device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} requested but CUDA is not available (use --device cpu)")
     if cfg.fsdp and launched_world_size() < 2:
         raise ValueError("--fsdp needs a torchrun launch with >= 2 processes (torchrun --nproc-per-node N "
                          "prefcore train-rm --finetune … --fsdp true)")
