@@ -718,9 +718,11 @@ def optimize(cfg, encoder: Encoder, runner: nn.Module, heads: nn.Module, train_i
     backbone_params = [p for p in encoder.parameters() if p.requires_grad]
     head_params = list(heads.parameters())
     # two optimizers (same maths as one with two groups): FSDP2's state-dict API takes the
-    # optimizer of the sharded module alone
-    opt_b = torch.optim.AdamW(backbone_params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    opt_h = torch.optim.AdamW(head_params, lr=cfg.head_learning_rate, weight_decay=cfg.weight_decay)
+    # optimizer of the sharded module alone. The fused AdamW kernel (CPU and CUDA) is ~3× faster
+    # than the per-tensor loop torch picks on CPU; FSDP2's sharded parameters use the default.
+    fused = par.mode != "fsdp"
+    opt_b = torch.optim.AdamW(backbone_params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+    opt_h = torch.optim.AdamW(head_params, lr=cfg.head_learning_rate, weight_decay=cfg.weight_decay, fused=True)
     lam = _lr_lambda(cfg.lr_scheduler_type, warmup, total)
     sched_b, sched_h = (torch.optim.lr_scheduler.LambdaLR(o, lam) for o in (opt_b, opt_h))
     bar = None
