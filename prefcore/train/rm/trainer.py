@@ -308,10 +308,11 @@ def train_reward_model(cfg: TrainRMConfig, data=None) -> dict:
 
     The data are loaded and checked (schema, enough rows for the split) before anything is
     written, and before the backbone embeds a single text; ``progress=False`` also silences the
-    bars and load reports of ``datasets`` and ``transformers`` (:mod:`prefcore._progress`)."""
+    bars and load reports of ``datasets`` and ``transformers`` (:mod:`prefcore._progress`), as
+    they are on every torchrun rank but 0."""
     from prefcore._progress import library_output
 
-    with library_output(cfg.progress):
+    with library_output(cfg.progress and int(os.environ.get("RANK", "0")) == 0):
         if cfg.finetune != "none":
             from prefcore.train.rm.finetune import finetune_reward_model
 
