@@ -80,3 +80,42 @@ def test_two_ranks_build_the_one_process_cache_and_resume_after_a_crash(tmp_path
     assert names == sorted(p.name for p in two.iterdir())  # no index.rank*.json left behind
     for name in names:
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def test_train_rm_under_torchrun_splits_extraction_and_rank_0_trains(tmp_path):
+    """``torchrun … prefcore train-rm`` (frozen features) as a user runs it: the two processes
+    split the shards of the run's feature cache, rank 0 alone trains the heads and writes the run
+    directory, and the result equals the one-process run's."""
+    from safetensors.torch import load_file
+
+    from prefcore.cli import main
+    from python_tests.rm_runs import text_world
+
+    world = text_world(tmp_path / "world")  # 40 rated texts: 5 shards of 8
+    argv = ["train-rm", "--method", "gmm", "--data", str(world.ratings), "--backbone", str(world.backbone),
+            "--max_length", "48", "--steps", "20", "--feature_shard_size", "8", "--progress", "false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "prefcore.cli", *argv, "--out", str(two)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("prefcore train-rm [gmm] →") == 1  # rank 0 alone reports
+    cache = two / "features" / "ratings-responses"
+    index = json.loads((cache / "index.json").read_text())
+    assert index["complete"] and index["num_shards"] == 5 and not list(cache.glob("index.rank*.json"))
+
+    one = tmp_path / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*argv, "--out", str(one)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    for s in range(5):  # the ranks' shards are the one-process shards, byte for byte
+        name = f"shard-{s:05d}.safetensors"
+        assert (cache / name).read_bytes() == (one / "features" / "ratings-responses" / name).read_bytes()
+    wa, wb = load_file(str(one / "heads.safetensors")), load_file(str(two / "heads.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((one / "report.json").read_text()) == json.loads((two / "report.json").read_text())

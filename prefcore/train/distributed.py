@@ -22,6 +22,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank_device(device: str) -> str:
+    """``device`` with a bare ``"cuda"`` turned into this process's GPU (``cuda:LOCAL_RANK``)."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if device == "cuda" else device
+
+
 def maybe_init(device: str) -> bool:
     """Initialise the process group from torchrun's environment (gloo on CPU, nccl on CUDA); True
     when this call did it (and the caller should tear it down)."""

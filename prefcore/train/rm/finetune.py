@@ -290,9 +290,9 @@ def _finetune(cfg, par: Parallel) -> dict:
 
 def finetune_device(cfg) -> torch.device:
     """Where fine-tuning runs: ``--device`` (``cuda`` = this process's ``LOCAL_RANK`` GPU)."""
-    if cfg.device == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(cfg.device)
+    from prefcore.train.distributed import rank_device
+
+    return torch.device(rank_device(cfg.device))
 
 
 def prepare_model(cfg, backbone: nn.Module, extra: dict | None = None) -> tuple[nn.Module, dict, nn.ModuleDict]:

@@ -66,16 +66,18 @@ def check_backbone_config(backbone_path: str) -> None:
 class TextEmbedder:
     """Embeds texts with a frozen local backbone on ``device``, caching each named part under ``cache_dir``."""
 
-    def __init__(self, backbone_path: str, cache_dir: str, *, max_length: int, batch_size: int, device: str = "cpu"):
+    def __init__(self, backbone_path: str, cache_dir: str, *, max_length: int, batch_size: int, device: str = "cpu",
+                 shard_size: int = 4096):
         self.backbone, self.tokenizer = load_text_encoder(backbone_path, device)
         self.cache_dir, self.max_length, self.batch_size = cache_dir, max_length, batch_size
+        self.shard_size = shard_size
 
     def __call__(self, name: str, texts: Sequence[str]) -> torch.Tensor:
         from prefcore.train.rm.features import extract_features, load_features
 
         out = os.path.join(self.cache_dir, name)
         extract_features(self.backbone, self.tokenizer, list(texts), out, batch_size=self.batch_size,
-                         max_length=self.max_length)
+                         max_length=self.max_length, shard_size=self.shard_size)
         return load_features(out).float().cpu()
 
 
@@ -206,8 +208,11 @@ def load_rm_data(cfg) -> RMData:
         if cfg.pairs_format not in PAIR_FORMATS:
             raise ValueError(f"pairs_format must be one of {PAIR_FORMATS}, got {cfg.pairs_format!r}")
         pairs_ds = _load(cfg.pairs, cfg.pairs_format, "pairs", cfg)
+    from prefcore.train.distributed import rank_device
+
     embed = TextEmbedder(cfg.backbone, os.path.join(cfg.out, "features"), max_length=cfg.max_length,
-                         batch_size=cfg.feature_batch_size, device=cfg.device)
+                         batch_size=cfg.feature_batch_size, device=rank_device(cfg.device),
+                         shard_size=cfg.feature_shard_size)
     if pairwise:
         return RMData(pairs=_pairs(ds, cfg.data, embed, with_prompts=False, need_margin=cfg.method == "bt-margin"))
     ratings = _ratings(ds, kind, embed, with_prompts=cfg.method == "qrm")

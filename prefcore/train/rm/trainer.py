@@ -61,6 +61,8 @@ class TrainRMConfig:
     backbone: str | None = field(default=None, metadata={"help": "local path of a transformers AutoModel (text data)"})
     max_length: int = field(default=256, metadata={"help": "tokens per text for feature extraction"})
     feature_batch_size: int = field(default=16, metadata={"help": "batch size of feature extraction"})
+    feature_shard_size: int = field(default=4096, metadata={"help": "texts per feature-cache shard (the unit of "
+                                                                     "resumption and of the split across torchrun ranks)"})
     device: str = field(default="cpu", metadata={"help": "device of the backbone: feature extraction, or where "
                                                               "--finetune trains (cuda = the LOCAL_RANK GPU)"})
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/rm-<method>)"})
@@ -129,6 +131,7 @@ class TrainRMConfig:
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must lie in (0, 1), got {self.eval_fraction}")
         for name, low in (("k", 1), ("grid_size", 2), ("max_length", 1), ("feature_batch_size", 1),
+                          ("feature_shard_size", 1),
                           ("num_items", 2), ("num_pairs", 2), ("gate_steps", 1), ("trunk_layers", 0),
                           ("trunk_width", 1)):
             if getattr(self, name) < low:
@@ -321,12 +324,31 @@ def train_reward_model(cfg: TrainRMConfig, data=None) -> dict:
 
 
 def _train_reward_model(cfg: TrainRMConfig, data) -> dict:
+    """The frozen-feature path. Under torchrun the processes split the feature extraction (the
+    shards of one cache, :func:`prefcore.train.rm.features.extract_features`); rank 0 then trains
+    the heads on the whole cache and writes the run directory, the other ranks return ``{}``."""
+    import torch.distributed as dist
+
+    from prefcore.train.distributed import maybe_init, world
+
+    own_group = maybe_init(cfg.device)
+    try:
+        if data is None:
+            from prefcore.train.rm.sources import load_rm_data
+
+            data = load_rm_data(cfg)  # validates everything before the (cached) feature extraction
+        if world()[0] != 0:
+            return {}
+        return _train_heads(cfg, data)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train_heads(cfg: TrainRMConfig, data) -> dict:
     from prefcore.train.rm.methods import build_heads, evaluate, head_config, stages
-    from prefcore.train.rm.sources import load_rm_data
 
     out = cfg.out
-    if data is None:
-        data = load_rm_data(cfg)  # validates everything before the (cached) feature extraction
     train, test = data.split(cfg.eval_fraction, cfg.seed)
     os.makedirs(out, exist_ok=True)
     hc = head_config(cfg.method, data, cfg)
