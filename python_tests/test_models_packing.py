@@ -215,3 +215,50 @@ def test_peft_lora_wrapper():
                                    atol=ATOL, rtol=1e-5)
         torch.testing.assert_close(packed.rejected[i], merged(input_ids=torch.tensor([prompts[i] + rejected[i]])).last_hidden_state[0, -1],
                                    atol=ATOL, rtol=1e-5)
+
+
+# ---- rated texts packed several to a row (pack_texts / packed_text_features) --------------------
+
+def test_pack_texts_layout():
+    from prefcore.models.packing import pack_texts
+
+    rows = [[5, 6, 7], [8], [9, 10], [11, 12, 13]]
+    p = pack_texts(rows)
+    assert p.input_ids.shape[1] == 3 and p.input_ids.shape[0] == 3  # widths 3, 3, 2+1: three rows
+    for n, r in enumerate(rows):  # each text intact, positions from 0, its last token where `last` says
+        sel = p.segment[p.row[n]] == n
+        assert p.input_ids[p.row[n]][sel].tolist() == r and p.position_ids[p.row[n]][sel].tolist() == list(range(len(r)))
+        assert int(p.last[n]) == int(sel.nonzero().max())
+    q = p.segment.unsqueeze(2)
+    k = p.segment.unsqueeze(1)
+    assert not (p.allowed & (q != k)).any()  # no text sees another
+    with pytest.raises(ValueError, match="at least one token"):
+        pack_texts([[1], []])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_texts_equal_each_text_alone_with_gradients(attn):
+    """Features and parameter gradients of ``packed_text_features`` equal the backbone run on each
+    text alone (unpadded), to ATOL — the same tolerance as the pair packing."""
+    from prefcore.models.packing import pack_texts, packed_text_features
+
+    model = make_llama().train()
+    model.set_attn_implementation(attn)
+    head = _head()
+    rows = _rows(random.Random(7), 9, 1, 14)
+    model.zero_grad()
+    want = []
+    for r in rows:
+        f = model(input_ids=torch.tensor([r])).last_hidden_state[:, -1]
+        head(f).sum().backward()
+        want.append(f.detach())
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    packed = pack_texts(rows)
+    assert packed.input_ids.shape[0] < len(rows)  # several texts share a row
+    got = packed_text_features(model, packed)
+    head(got).sum().backward()
+    torch.testing.assert_close(got.detach(), torch.cat(want), atol=ATOL, rtol=1e-4)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, want_grads[n], atol=ATOL, rtol=1e-4, msg=lambda m: f"{n}: {m}")

@@ -115,8 +115,14 @@ def _packed_unsupported(backbone: nn.Module) -> str | None:
     return None
 
 
-def resolve_packing(packing: str, backbone: nn.Module) -> PackingChoice:
-    """Which pair forward ``packing`` selects for ``backbone``.
+PAIR_LAYOUT = ("prompt encoded once, [prompt|chosen|rejected] with a block mask",
+               "prompt + chosen and prompt + rejected run as two sequences")
+TEXT_LAYOUT = ("texts packed several to a row with a block mask", "one padded row per text")
+
+
+def resolve_packing(packing: str, backbone: nn.Module, layout: tuple[str, str] = PAIR_LAYOUT) -> PackingChoice:
+    """Which pair (or, with ``layout=TEXT_LAYOUT``, text) forward ``packing`` selects for
+    ``backbone``; ``layout`` names the packed and the plain forward in the reason.
 
     ``"auto"`` → ``"packed"`` when the backbone honours a custom 4-D attention mask and
     ``position_ids`` (see the module docstring), else ``"plain"``; the reason says which.
@@ -124,12 +130,12 @@ def resolve_packing(packing: str, backbone: nn.Module) -> PackingChoice:
     (no silent fallback); ``"plain"`` is always allowed."""
     require_choice(packing, "packing", PACKING)
     if packing == "plain":
-        return PackingChoice("plain", "packing='plain' requested: prompt + chosen and prompt + rejected run as two sequences")
+        return PackingChoice("plain", f"packing='plain' requested: {layout[1]}")
     why_not = _packed_unsupported(backbone)
     if why_not is None:
         impl = transformers_base(backbone).config._attn_implementation
         how = "requested" if packing == "packed" else "auto"
-        return PackingChoice("packed", f"packing={how}: prompt encoded once, [prompt|chosen|rejected] with a block mask "
+        return PackingChoice("packed", f"packing={how}: {layout[0]} "
                                        f"({type(transformers_base(backbone)).__name__}, attn_implementation={impl})")
     if packing == "packed":
         raise ValueError(f"packing='packed' is not supported for this backbone: {why_not}; use packing='plain' or 'auto'")
@@ -198,10 +204,16 @@ class PackedBatch:
     rejected_last: torch.Tensor
 
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """``(B, 1, W, W)`` in ``dtype``: 0 where attended, the dtype's lowest finite value
-        elsewhere (finite, so a softmax over a row never divides 0 by 0)."""
-        return torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device).masked_fill(
-            ~self.allowed, torch.finfo(dtype).min).unsqueeze(1)
+        """``(B, 1, W, W)`` in ``dtype``: :func:`additive_mask` of ``allowed``."""
+        return additive_mask(self.allowed, dtype)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, 1, W, W)`` in ``dtype`` from a query × key mask ``allowed (B, W, W)``: 0 where
+    attended, the dtype's lowest finite value elsewhere (finite, so a softmax over a row never
+    divides 0 by 0)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
 def pack_pairs(p: tuple[torch.Tensor, torch.Tensor], c: tuple[torch.Tensor, torch.Tensor],
@@ -242,27 +254,98 @@ def _compute_dtype(base: nn.Module) -> torch.dtype:
     return dtype
 
 
-def _packed(backbone: nn.Module, p, c, r) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_masked(backbone: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                allowed: torch.Tensor) -> torch.Tensor:
+    """The base model's hidden states ``(B, W, H)`` of packed rows under the query × key mask
+    ``allowed (B, W, W)``."""
     base = transformers_base(backbone)
-    batch = pack_pairs(p, c, r)
     # sdpa takes the bool mask as it is (True = attend; 1 byte per entry, as transformers' own
     # masks); eager attention adds the mask to the scores, so it gets the additive float form
     if base.config._attn_implementation == "sdpa":
-        mask = batch.allowed.unsqueeze(1)
+        mask = allowed.unsqueeze(1)
     else:
-        mask = batch.additive_mask(_compute_dtype(base))
-    kwargs: dict[str, object] = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask)
+        mask = additive_mask(allowed, _compute_dtype(base))
+    kwargs: dict[str, object] = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=mask)
     if _accepts(base, "use_cache"):
         kwargs["use_cache"] = False  # nothing is generated; a cache would only cost memory
     out = base(**kwargs)
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         hidden = out[0] if isinstance(out, (tuple, list)) else out
-    if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape[:2]) != tuple(batch.input_ids.shape):
+    if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape[:2]) != tuple(input_ids.shape):
         got = shape_str(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-        raise ValueError(f"backbone must return hidden states (B, W, H) with (B, W) = {shape_str(batch.input_ids.shape)}, got {got}")
+        raise ValueError(f"backbone must return hidden states (B, W, H) with (B, W) = {shape_str(input_ids.shape)}, got {got}")
+    return hidden
+
+
+def _packed(backbone: nn.Module, p, c, r) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = pack_pairs(p, c, r)
+    hidden = _run_masked(backbone, batch.input_ids, batch.position_ids, batch.allowed)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, batch.chosen_last], hidden[rows, batch.rejected_last]
+
+
+@dataclass(frozen=True)
+class PackedTexts:
+    """Whole texts packed several to a row, padding-free: ``input_ids``, ``position_ids`` (each
+    text from 0) and ``segment`` (the text's index, −1 on padding) ``(R, W)`` int64; ``allowed
+    (R, W, W)`` bool (causal within a text, nothing across texts; a pad query sees itself);
+    ``row`` / ``last`` ``(N,)``: the row and column of text ``n``'s last token."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment: torch.Tensor
+    allowed: torch.Tensor
+    row: torch.Tensor
+    last: torch.Tensor
+
+
+def pack_texts(rows: list[list[int]], device: torch.device | str | None = None) -> PackedTexts:
+    """Pack token-id lists (each non-empty) into rows as wide as the longest one, first-fit in
+    decreasing length: the linear layers then see about ``Σ len`` tokens instead of ``N · max len``
+    (a length-grouped batch of rated texts still pads ~25% when lengths spread 2×)."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("pack_texts: every text needs at least one token")
+    width = max(len(r) for r in rows)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        for b, room in enumerate(free):
+            if len(rows[i]) <= room:
+                bins[b].append(i)
+                free[b] -= len(rows[i])
+                break
+        else:
+            bins.append([i])
+            free.append(width - len(rows[i]))
+    ids = torch.zeros(len(bins), width, dtype=torch.long)
+    pos = torch.zeros(len(bins), width, dtype=torch.long)
+    seg = torch.full((len(bins), width), -1, dtype=torch.long)
+    row = torch.zeros(len(rows), dtype=torch.long)
+    last = torch.zeros(len(rows), dtype=torch.long)
+    for b, members in enumerate(bins):
+        at = 0
+        for i in members:
+            n = len(rows[i])
+            ids[b, at:at + n] = torch.tensor(rows[i], dtype=torch.long)
+            pos[b, at:at + n] = torch.arange(n)
+            seg[b, at:at + n] = i
+            row[i], last[i] = b, at + n - 1
+            at += n
+    q, k = seg.unsqueeze(2), seg.unsqueeze(1)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & (q == k) & (q >= 0)
+    allowed |= torch.eye(width, dtype=torch.bool) & (q < 0)  # a pad query sees itself (no NaN row)
+    return PackedTexts(*(t.to(device) for t in (ids, pos, seg, allowed, row, last)))
+
+
+def packed_text_features(backbone: nn.Module, packed: PackedTexts) -> torch.Tensor:
+    """Last-token features ``(N, H)`` of the texts in ``packed`` (:func:`pack_texts`): equal to
+    :func:`prefcore.models.pooling.pooled_features` of each text alone up to floating-point
+    rounding, with gradients; the backbone must take a custom 4-D mask (:func:`resolve_packing`)."""
+    hidden = _run_masked(backbone, packed.input_ids, packed.position_ids, packed.allowed)
+    return hidden[packed.row, packed.last]
 
 
 def pair_features(backbone: nn.Module, prompt, chosen, rejected, *, packing: str = "auto") -> PairFeatures:

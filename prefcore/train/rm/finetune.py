@@ -170,8 +170,10 @@ def _pair_batch(pairs: TokenizedPairs, idx: Sequence[int], device: torch.device)
 
 class Encoder(nn.Module):
     """The module DDP and FSDP2 wrap: the backbone's pooled last-token features of a text batch
-    (``forward("texts", ids, mask)`` → ``(B, H)``) or of a pair batch (``forward(packing, p, c, r)``
-    → ``(chosen (B, H), rejected (B, H))``, :func:`prefcore.models.packing.pair_features`). The
+    (``forward("texts", ids, mask)`` → ``(B, H)``; ``forward("texts-packed", *PackedTexts fields)``
+    → ``(N, H)``, :func:`prefcore.models.packing.packed_text_features`) or of a pair batch
+    (``forward(packing, p, c, r)`` → ``(chosen (B, H), rejected (B, H))``,
+    :func:`prefcore.models.packing.pair_features`). The
     backbone is called through this module's ``forward``, so the wrappers' hooks (gradient
     all-reduce, parameter all-gather) see every call."""
 
@@ -180,12 +182,14 @@ class Encoder(nn.Module):
         self.backbone = backbone
 
     def forward(self, kind: str, *batch: object):
-        from prefcore.models.packing import pair_features, transformers_base
+        from prefcore.models.packing import PackedTexts, packed_text_features, pair_features, transformers_base
         from prefcore.models.pooling import pooled_features
 
         if kind == "texts":
             ids, mask = batch
             return pooled_features(transformers_base(self.backbone), ids, mask, "last")
+        if kind == "texts-packed":
+            return packed_text_features(self.backbone, PackedTexts(*batch))
         f = pair_features(self.backbone, *batch, packing=kind)
         return f.chosen, f.rejected
 
@@ -401,21 +405,27 @@ class LiveFeatures:
     ``idx``, computed now (with gradients when enabled): lets the frozen path's losses
     (:func:`prefcore.train.rm.methods.stages`) train the backbone too."""
 
-    def __init__(self, encoder: nn.Module, rows: list[list[int]], hidden: int, bf16: bool):
-        self.encoder, self.rows, self.bf16 = as_encoder(encoder), rows, bf16
+    def __init__(self, encoder: nn.Module, rows: list[list[int]], hidden: int, bf16: bool, packing: str = "plain"):
+        self.encoder, self.rows, self.bf16, self.packing = as_encoder(encoder), rows, bf16, packing
         self.shape = (len(rows), hidden)
 
     def dim(self) -> int:
         return 2
 
     def __getitem__(self, idx) -> torch.Tensor:
+        from dataclasses import astuple
+
         from prefcore.data.batching import pad_rows
+        from prefcore.models.packing import pack_texts
 
         idx = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
         device = _device(self.encoder)
-        ids, mask = pad_rows([self.rows[i] for i in idx], 0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            f = self.encoder("texts", ids.to(device), mask.to(device).bool())
+            if self.packing == "packed":  # several texts per row: no padding in the linear layers
+                f = self.encoder("texts-packed", *astuple(pack_texts([self.rows[i] for i in idx], device)))
+            else:
+                ids, mask = pad_rows([self.rows[i] for i in idx], 0)
+                f = self.encoder("texts", ids.to(device), mask.to(device).bool())
         return f.float()
 
     @torch.no_grad()
@@ -451,6 +461,14 @@ def tokenize_texts(tokenizer, texts: Sequence[tuple[str, str]], max_length: int,
     return rows, kept, stats.message(max_length, too_long)
 
 
+def resolve_text_packing(packing: str, backbone: nn.Module):
+    """The rated texts' forward: ``packed`` (several texts per row, :func:`pack_texts`) where the
+    backbone takes a custom 4-D mask, as for pairs (:func:`resolve_packing`), else ``plain``."""
+    from prefcore.models.packing import TEXT_LAYOUT, resolve_packing
+
+    return resolve_packing(packing, backbone, TEXT_LAYOUT)
+
+
 def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer, par: Parallel) -> dict:
     """gmm and mean-var: the frozen path's losses (fused ``gmm_nll``; the Gaussian NLL) on live
     features of the backbone being trained; evaluation as the frozen path's, on the fine-tuned
@@ -480,9 +498,10 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer, par: P
     extra = {"num_attributes": len(names), "prompt_features": hidden, "non_crossing": bool(cfg.non_crossing),
              "attribute_names": list(names)} if qrm else None
     backbone, hc, heads = prepare_model(cfg, backbone, extra)
+    choice = resolve_text_packing(cfg.packing, backbone)
     encoder = Encoder(backbone)
     runner = wrap_encoder(par, encoder)
-    live = LiveFeatures(runner, rows, hidden, cfg.bf16)
+    live = LiveFeatures(runner, rows, hidden, cfg.bf16, choice.mode)
     device = _device(backbone)  # the stage losses index features[idx] and scores[idx] by item
     train = RatingsData(live, scores.to(device), mask.to(device), names)
     stage = quantile_stage(heads, train, 0) if qrm else stages(cfg.method, heads, RMData(ratings=train), cfg)[0]
@@ -493,7 +512,8 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer, par: P
     if par.rank == 0:
         rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * par.world
         print(f"prefcore train-rm [{cfg.method}, finetune {cfg.finetune}{par_note(par)}]: {len(records)} rated texts, "
-              f"{n - n_test} train / {n_test} held out; {trunc}; {total} steps of {rows_per_step} texts", flush=True)
+              f"{n - n_test} train / {n_test} held out; {choice.reason}; {trunc}; {total} steps of {rows_per_step} "
+              "texts", flush=True)
 
     def micro_loss(part: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         loss, metrics = batch_loss(torch.tensor(part))

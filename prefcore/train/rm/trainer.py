@@ -115,8 +115,8 @@ class TrainRMConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "finetune lora: dropout on the LoRA input"})
     lora_target_modules: str = field(default="all-linear", metadata={"help": "finetune lora: 'all-linear' or a "
                                                                              "comma-separated list of module names"})
-    packing: str = field(default="auto", metadata={"help": "finetune: pair forward — packed (prompt encoded once), "
-                                                           "plain (two sequences) or auto", "choices": PACKING})
+    packing: str = field(default="auto", metadata={"help": "finetune: packed (pairs: prompt encoded once; rated texts: several per row), "
+                                                           "plain (one padded row per sequence) or auto", "choices": PACKING})
     fsdp: bool = field(default=False, metadata={"help": "finetune under torchrun: shard the backbone with FSDP2 "
                                                         "(fully_shard per decoder layer); without it, DDP"})
     too_long: str = field(default="truncate", metadata={"help": "finetune: a pair over max_length is truncated "
