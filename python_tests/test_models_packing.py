@@ -7,6 +7,7 @@ test is used for it. Tolerances are fp32 rounding of a 2-layer, 16-wide model.
 """
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -262,3 +263,22 @@ def test_packed_texts_equal_each_text_alone_with_gradients(attn):
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, want_grads[n], atol=ATOL, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def test_text_pack_width_trades_padding_against_attention():
+    from prefcore.models.packing import PACK_WIDTHS, _first_fit, attention_per_token, pack_texts, text_pack_width
+    from transformers import LlamaConfig
+
+    rng = random.Random(0)
+    lengths = [rng.randint(65, 145) for _ in range(32)]  # the rm_step bench's rated texts
+    longest = max(lengths)
+    a = attention_per_token(LlamaConfig(hidden_size=256, intermediate_size=688))
+    assert a == pytest.approx(2 / (4 * 256 + 3 * 688))
+    w = text_pack_width(lengths, a)
+    assert w in {math.ceil(m * longest) for m in PACK_WIDTHS}
+    rows = len(_first_fit(lengths, w))
+    assert rows * w < 0.85 * len(lengths) * longest  # fewer token slots than one padded row per text
+    assert rows * w * w <= 2 * len(lengths) * longest ** 2  # the mask stays within its budget
+    assert text_pack_width(lengths, 1.0) == longest  # attention dear: one text per row
+    packed = pack_texts([[1] * n for n in lengths], width=w)
+    assert packed.input_ids.shape == (rows, w)

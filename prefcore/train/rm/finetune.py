@@ -406,8 +406,13 @@ class LiveFeatures:
     (:func:`prefcore.train.rm.methods.stages`) train the backbone too."""
 
     def __init__(self, encoder: nn.Module, rows: list[list[int]], hidden: int, bf16: bool, packing: str = "plain"):
+        from prefcore.models.packing import attention_per_token, transformers_base
+
         self.encoder, self.rows, self.bf16, self.packing = as_encoder(encoder), rows, bf16, packing
         self.shape = (len(rows), hidden)
+        inner = self.encoder.module if isinstance(self.encoder, nn.parallel.DistributedDataParallel) else self.encoder
+        self.attention_per_token = attention_per_token(transformers_base(inner.backbone).config) \
+            if packing == "packed" else 0.0
 
     def dim(self) -> int:
         return 2
@@ -416,13 +421,15 @@ class LiveFeatures:
         from dataclasses import astuple
 
         from prefcore.data.batching import pad_rows
-        from prefcore.models.packing import pack_texts
+        from prefcore.models.packing import pack_texts, text_pack_width
 
         idx = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
         device = _device(self.encoder)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            if self.packing == "packed":  # several texts per row: no padding in the linear layers
-                f = self.encoder("texts-packed", *astuple(pack_texts([self.rows[i] for i in idx], device)))
+            if self.packing == "packed":  # several texts per row: little padding in the linear layers
+                rows = [self.rows[i] for i in idx]
+                width = text_pack_width([len(r) for r in rows], self.attention_per_token)
+                f = self.encoder("texts-packed", *astuple(pack_texts(rows, device, width)))
             else:
                 ids, mask = pad_rows([self.rows[i] for i in idx], 0)
                 f = self.encoder("texts", ids.to(device), mask.to(device).bool())
