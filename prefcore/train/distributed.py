@@ -28,19 +28,30 @@ def rank_device(device: str) -> str:
 
 
 def maybe_init(device: str) -> bool:
-    """Initialise the process group from torchrun's environment (gloo on CPU, nccl on CUDA); True
-    when this call did it (and the caller should tear it down)."""
+    """Initialise the process group from torchrun's environment (gloo on CPU; nccl on CUDA, with
+    this process's GPU ``LOCAL_RANK`` made current first, so collectives and barriers use it);
+    True when this call did it (and the caller should tear it down)."""
     if launched_world_size() <= 1 or not dist.is_available() or dist.is_initialized():
         return False
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(rank_device(device)))
+        dist.init_process_group(backend="nccl")
+    else:
+        dist.init_process_group(backend="gloo")
     return True
 
 
 def all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
-    """The sum of ``t`` over the ranks (a copy; ``t`` itself when there is one rank)."""
+    """The sum of ``t`` over the ranks, on ``t``'s device (a copy; ``t`` itself when there is one
+    rank). NCCL reduces only CUDA tensors: a CPU tensor (a metric) goes through the current GPU."""
     if world_size > 1:
-        t = t.clone()
+        home = t.device
+        if dist.get_backend() == "nccl" and home.type != "cuda":
+            t = t.to(torch.device("cuda", torch.cuda.current_device()))
+        else:
+            t = t.clone()
         dist.all_reduce(t)
+        t = t.to(home)
     return t
 
 

@@ -665,18 +665,20 @@ def wrap_encoder(par: Parallel, encoder: Encoder) -> nn.Module:
 
 def _grad_norm(backbone_grads: list[torch.Tensor], head_grads: list[torch.Tensor], par: Parallel) -> float:
     """The global L2 norm of every gradient: FSDP2's backbone gradients are shards (summed over
-    ranks), the heads' are replicated (counted once)."""
-    sq = torch.zeros((), dtype=torch.float64)
-    for g in backbone_grads:
-        local = g.to_local() if hasattr(g, "to_local") else g
-        sq += torch.linalg.vector_norm(local.float()).double().cpu() ** 2
-    if par.mode == "fsdp":
-        import torch.distributed as dist
+    ranks), the heads' are replicated (counted once). One host sync."""
+    from prefcore.train.distributed import all_reduce_sum
 
-        dist.all_reduce(sq)
-    for g in head_grads:
-        sq += torch.linalg.vector_norm(g.float()).double().cpu() ** 2
-    return float(sq.sqrt())
+    def squares(grads: list[torch.Tensor]) -> torch.Tensor:
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        if not local:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in local]).double().pow(2).sum()
+
+    sq = squares(backbone_grads)
+    if par.mode == "fsdp":
+        sq = all_reduce_sum(sq, par.world)
+    heads = squares(head_grads)
+    return float((sq.to(heads.device) + heads).sqrt())
 
 
 def _checkpoint_state(par: Parallel, encoder: nn.Module, opt_backbone) -> tuple[dict, dict]:

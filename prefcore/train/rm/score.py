@@ -158,13 +158,11 @@ def score_reward_model(cfg: ScoreRMConfig) -> str:
     import torch.distributed as dist
 
     from prefcore._progress import library_output
+    from prefcore.train.distributed import maybe_init
+    from prefcore.train.distributed import world as dist_world
 
-    rank, world, own_group = 0, 1, False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
-            own_group = True
-        rank, world = dist.get_rank(), dist.get_world_size()
+    own_group = maybe_init(cfg.device)
+    rank, world = dist_world()
     try:
         with library_output(cfg.progress and rank == 0):
             return _score(cfg, rank, world)
@@ -200,7 +198,9 @@ def _score(cfg: ScoreRMConfig, rank: int, world: int) -> str:
                              f"{i + 1}: delete the output (and its .partial files) to score again")
     todo = [i for i in range(len(prompts)) if i not in kept]
 
-    scorer = RunScorer.load(cfg.reward_model, device=cfg.device)
+    from prefcore.train.distributed import rank_device
+
+    scorer = RunScorer.load(cfg.reward_model, device=rank_device(cfg.device))  # cuda: this rank's GPU
     if scorer.backbone is None:
         raise ValueError(f"--reward_model {cfg.reward_model!r} was trained on features (synthetic default), so it "
                          "cannot score texts; train it with --backbone")
