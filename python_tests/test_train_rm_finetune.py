@@ -286,3 +286,16 @@ def test_cuda_finetuning_equals_the_cpu_run(world, tmp_path, method):
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4)
     r = world.records[0]
     assert torch.isfinite(RunScorer.load(str(runs["cuda"])).reward([r["prompt"]], [r["response"]])).all()
+
+
+def test_ddp_looks_for_unused_parameters_only_when_the_backbone_has_some():
+    from prefcore.train.rm.finetune import Encoder, _has_unused_parameters
+    from python_tests.tiny_transformers import make_llama
+
+    plain = Encoder(make_llama())
+    rng = torch.get_rng_state()
+    assert not _has_unused_parameters(plain)
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in plain.parameters())
+    with_pooler = make_llama()
+    with_pooler.pooler = torch.nn.Linear(16, 16)  # like BERT's pooler: never on the path to the features
+    assert _has_unused_parameters(Encoder(with_pooler))

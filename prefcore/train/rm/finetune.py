@@ -659,8 +659,24 @@ def wrap_encoder(par: Parallel, encoder: Encoder) -> nn.Module:
         return encoder
     if par.mode == "ddp":
         device = _device(encoder)
-        return nn.parallel.DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
+        return nn.parallel.DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   find_unused_parameters=_has_unused_parameters(encoder))
     return encoder
+
+
+def _has_unused_parameters(encoder: Encoder) -> bool:
+    """Whether a trainable parameter gets no gradient from the pooled features (a BERT pooler, a
+    task head): then DDP must look for unused parameters every step (which costs a graph
+    traversal, so it is asked for only then). Probed with one 2-token text; RNG and gradients
+    are left as they were."""
+    device = _device(encoder)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        feats = encoder("texts", torch.zeros(1, 2, dtype=torch.long, device=device),
+                        torch.ones(1, 2, dtype=torch.bool, device=device))
+        feats.float().sum().backward()
+    unused = any(p.requires_grad and p.grad is None for p in encoder.parameters())
+    encoder.zero_grad(set_to_none=True)
+    return unused
 
 
 def _grad_norm(backbone_grads: list[torch.Tensor], head_grads: list[torch.Tensor], par: Parallel) -> float:
