@@ -40,21 +40,10 @@ def _train(out: Path, flags: list[str]) -> None:
         train_reward_model(parse_train_rm([*flags, "--progress", "false"]))
 
 
-def _scores(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = P._read_jsonl(path)
-    width = max(len(r["scores"]) for r in rows)
-    scores = torch.zeros(len(rows), width, dtype=torch.float64)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        scores[i, :len(r["scores"])] = torch.tensor(r["scores"], dtype=torch.float64)
-        mask[i, :len(r["scores"])] = True
-    return scores, mask
-
-
 def _constant_baseline(feedback: Path) -> dict[str, float]:
     """Every held-out response gets the pooled training ratings' quantiles at the 19 levels."""
-    train, train_mask = _scores(feedback / "train" / "ratings.jsonl")
-    held, held_mask = _scores(feedback / "heldout" / "ratings.jsonl")
+    train, train_mask = P.split_ratings(feedback / "train").scores_tensor(torch.float64)
+    held, held_mask = P.split_ratings(feedback / "heldout").scores_tensor(torch.float64)
     taus = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
     values = torch.quantile(train[train_mask], taus).expand(held.shape[0], -1)
     cov = M.quantile_coverage(values, taus, held, held_mask)

@@ -233,20 +233,24 @@ def evaluate_policies(world, tokenizer, policies: dict[str, Any], start, prompts
     return out
 
 
+def split_ratings(split: Path):
+    """The rated responses of a feedback split (``split/ratings.jsonl``) as a
+    :class:`prefcore.data.RatingsDataset` (``scores_tensor`` pads the ragged scores)."""
+    from prefcore.data import load_ratings
+
+    return load_ratings(_read_jsonl(split / "ratings.jsonl"))
+
+
 def evaluate_reward_models(rm_dirs: dict[str, Path], heldout: Path) -> dict[str, dict[str, float | None]]:
     """Calibration of each reward model on the held-out rated responses and vote pairs."""
     from prefcore import distributions as D
     from prefcore.eval import metrics as M
     from prefcore.train.rm import RunScorer
 
-    ratings = _read_jsonl(heldout / "ratings.jsonl")
+    ratings = split_ratings(heldout)
     pairs = _read_jsonl(heldout / "pairs.jsonl")
-    width = max(len(r["scores"]) for r in ratings)
-    scores = torch.zeros(len(ratings), width, dtype=torch.float64)
-    mask = torch.zeros(len(ratings), width, dtype=torch.bool)
-    for i, r in enumerate(ratings):
-        scores[i, : len(r["scores"])] = torch.tensor(r["scores"], dtype=torch.float64)
-        mask[i, : len(r["scores"])] = True
+    scores, mask = ratings.scores_tensor(torch.float64)
+    ratings = ratings.records
     taus = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
     out: dict[str, dict[str, float | None]] = {}
     for name, path in rm_dirs.items():
@@ -255,7 +259,7 @@ def evaluate_reward_models(rm_dirs: dict[str, Path], heldout: Path) -> dict[str,
         rejected = scorer.reward([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
         row: dict[str, float | None] = {"pairwise_accuracy": float(M.pairwise_accuracy(chosen, rejected)),
                                         "coverage_error": None, "crps": None, "nll": None}
-        dist = scorer.reward_distribution([r["prompt"] for r in ratings], [r["response"] for r in ratings])
+        dist = scorer.reward_distribution([r.prompt for r in ratings], [r.response for r in ratings])
         if isinstance(dist, D.QuantileDistribution):
             values = dist.values.double()
             cov = M.quantile_coverage(values, dist.taus.double(), scores, mask)
