@@ -197,8 +197,11 @@ class Encoder(nn.Module):
 def as_encoder(model: nn.Module) -> nn.Module:
     """``model`` when it already is an :class:`Encoder` (or a DDP wrapper of one), else a new
     :class:`Encoder` around the backbone ``model``."""
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return model if isinstance(inner, Encoder) else Encoder(model)
+    return model if isinstance(_unwrap_ddp(model), Encoder) else Encoder(model)
+
+
+def _unwrap_ddp(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -410,8 +413,7 @@ class LiveFeatures:
 
         self.encoder, self.rows, self.bf16, self.packing = as_encoder(encoder), rows, bf16, packing
         self.shape = (len(rows), hidden)
-        inner = self.encoder.module if isinstance(self.encoder, nn.parallel.DistributedDataParallel) else self.encoder
-        self.attention_per_token = attention_per_token(transformers_base(inner.backbone).config) \
+        self.attention_per_token = attention_per_token(transformers_base(_unwrap_ddp(self.encoder).backbone).config) \
             if packing == "packed" else 0.0
 
     def dim(self) -> int:
@@ -532,7 +534,8 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer, par: P
         return {}  # rank 0 evaluates and writes the run directory
     backbone.eval()
     heads.eval()
-    # the (now fixed) features on the CPU, where the frozen path's gating and evaluation run
+    # the (now fixed) features and the heads on the CPU, where the frozen path's gating and evaluation run
+    heads.cpu()
     feats = LiveFeatures(backbone, rows, hidden, cfg.bf16).all().cpu()
     prompt_feats = LiveFeatures(backbone, prompt_rows(tokenizer, [r.prompt for r in records], cfg.max_length, kept),
                                 hidden, False).all().cpu() if qrm else None
@@ -542,7 +545,6 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer, par: P
     if qrm:
         # stage 2 as on the frozen path: the gate on the fine-tuned model's (now fixed) features
         pairs_train, pairs_test = _pair_features(cfg, pairs_ds, backbone, tokenizer, hidden)
-        heads.cpu()
         from prefcore.train.loop import run_stage
 
         gate = gating_stage(heads, pairs_train, cfg.gate_steps)
@@ -551,7 +553,6 @@ def _finetune_ratings(cfg, ds, kind: str, backbone: nn.Module, tokenizer, par: P
         run_stage(gate.name, 1, heads, gate.params, gate.batch_loss, gate.n_items, cfg.loop_config(gate.steps),
                   cfg.out, done_stages=["quantile"], progress=cfg.progress)
         heads.eval()
-    heads.cpu()
     with torch.no_grad():
         test = RMData(ratings=split(torch.tensor(test_idx)), pairs=pairs_test)
         report = {"method": cfg.method, "finetune": cfg.finetune, **evaluate(cfg.method, heads, test, cfg)}
