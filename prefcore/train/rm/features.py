@@ -139,15 +139,6 @@ def _shard_ok(path: Path, entry: dict[str, Any]) -> bool:
     return path.is_file() and sha256_file(path) == entry.get("sha256")
 
 
-def _dist_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of an initialised ``torch.distributed`` group (torchrun), else ``(0, 1)``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
@@ -228,7 +219,9 @@ def extract_features(backbone: nn.Module, tokenizer: Any, texts: Sequence[str], 
         "tokenizer_sha256": _tokenizer_fingerprint(tokenizer),
     }
     index_path = root / INDEX_NAME
-    rank, world = _dist_world()
+    from prefcore.train.distributed import world as dist_world
+
+    rank, world = dist_world()
     if rank == 0:
         if not index_path.is_file():
             atomic_write_json(index_path, {"fingerprint": fingerprint, "num_shards": num_shards, "shards": {},
